@@ -1,0 +1,1 @@
+"""Adapters that hook one upstream generator family each."""

@@ -1,0 +1,1 @@
+"""Model recipes (TOML data) shipped with hicache3d."""
