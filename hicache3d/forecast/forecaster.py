@@ -1,0 +1,278 @@
+"""Forecasters: a snapshot history plus a basis that turns it into snapshot weights.
+
+``make_forecaster(name, history=6, ...)`` returns a :class:`Forecaster`; ``push(t, v)``
+stores a velocity taken at position ``t``; ``predict(t_query)`` returns the forecast in
+the structure of the pushed velocities.  Every basis only computes the small weight
+vector (per batch item, on the CPU, in float64); the forecast itself is one weighted sum
+over the stored history (:meth:`SnapshotStore.combine`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .exponential import FitError, fit_exponential
+from .polynomial import hermite_weights, lagrange_weights, reuse_weights, taylorseer_weights
+from .store import PushResult, SnapshotStore
+
+__all__ = ["BACKENDS", "BasisSpec", "Forecaster", "ForecastStats", "make_forecaster", "fit_basis"]
+
+BACKENDS = ("reuse", "taylor", "hermite", "dmd", "auto")
+_BASES = ("reuse", "taylor", "hermite", "dmd")
+_MAX_WEIGHT_L1 = 1e6     # weights beyond this are numerically meaningless
+
+
+@dataclass(frozen=True)
+class BasisSpec:
+    """One concrete forecast basis with its parameters."""
+
+    name: str                      # reuse | taylor | hermite | dmd
+    order: int = 1                 # taylor / hermite order m
+    sigma: float = 0.5             # hermite contraction
+    damping: float = 0.0           # shrink the extrapolated part toward the newest value
+    taylor_form: str = "newton"    # "newton" (exact polynomial) | "taylorseer" (published)
+    rank: int = 0                  # dmd: 0 = automatic
+    rank_tol: float = 1e-4         # dmd: relative singular-value cut for the automatic rank
+    clamp: bool = True             # dmd: clamp growing modes to neutral
+    min_snapshots: int = 3         # dmd: fewest snapshots to fit
+
+    @property
+    def label(self) -> str:
+        return self.name if self.damping == 0 else f"{self.name}~{self.damping:g}"
+
+    def undamped(self) -> "BasisSpec":
+        return dataclasses.replace(self, damping=0.0) if self.damping else self
+
+
+class _Fit:
+    """Horizon-independent part of a fitted basis; ``weights(tq)`` per query."""
+
+    def __init__(self, spec: BasisSpec, t: np.ndarray, exp_fit=None):
+        self.spec, self.t, self.exp_fit = spec, t, exp_fit
+
+    def weights(self, tq: float) -> np.ndarray:
+        s, t = self.spec, self.t
+        if s.name == "reuse":
+            return reuse_weights(t, tq)
+        if s.name == "taylor":
+            if s.taylor_form == "taylorseer":
+                return taylorseer_weights(t, tq, s.order)
+            return lagrange_weights(t, tq, s.order)
+        if s.name == "hermite":
+            return hermite_weights(t, tq, s.order, s.sigma)
+        return self.exp_fit.weights(tq)
+
+
+def fit_basis(spec: BasisSpec, t: np.ndarray, G: np.ndarray, gram_eps: float = 2.2e-16) -> _Fit:
+    """Fit ``spec`` (undamped) to snapshots at positions ``t`` with Gram ``G``."""
+    if spec.name == "dmd":
+        return _Fit(spec, t, fit_exponential(
+            t, G, rank=spec.rank, rank_tol=spec.rank_tol, gram_eps=gram_eps,
+            clamp=spec.clamp, min_snapshots=spec.min_snapshots))
+    if len(t) < 1:
+        raise FitError("insufficient_history")
+    return _Fit(spec, t)
+
+
+def _damp(w: np.ndarray, damping: float) -> np.ndarray:
+    if not damping:
+        return w
+    w = (1.0 - damping) * w
+    w[-1] += damping
+    return w
+
+
+@dataclass
+class ForecastStats:
+    """What a forecaster did: forecasts per basis (counted per batch item), fallbacks and
+    why, history restarts and why."""
+
+    per_basis: Counter = field(default_factory=Counter)
+    fallbacks: Counter = field(default_factory=Counter)
+    restarts: Counter = field(default_factory=Counter)
+    clamped_modes: int = 0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"per_basis": dict(self.per_basis), "fallbacks": dict(self.fallbacks),
+                "restarts": dict(self.restarts), "clamped_modes": self.clamped_modes}
+
+
+class Forecaster:
+    """A history of velocity snapshots and a forecast basis (or ``auto`` selection)."""
+
+    def __init__(self, backend: str = "dmd", history: int = 6, *, order: int = 1,
+                 sigma: float = 0.5, damping: float = 0.0, taylor_form: str = "newton",
+                 rank: int = 0, rank_tol: float = 1e-4, clamp: bool = True,
+                 fallback: str = "hermite", batch_dim: Optional[int] = 0,
+                 candidates: Sequence[str] = _BASES, candidate_damping: Sequence[float] = (0.0, 0.5),
+                 holdouts: int = 2):
+        from ..config import validate_forecast_options
+        validate_forecast_options(backend=backend, history=history, order=order, sigma=sigma,
+                                  damping=damping, taylor_form=taylor_form, rank=rank,
+                                  rank_tol=rank_tol, fallback=fallback, candidates=candidates,
+                                  candidate_damping=candidate_damping, holdouts=holdouts)
+        self.backend = backend
+        self.store = SnapshotStore(history, batch_dim=batch_dim)
+        base = dict(order=order, sigma=sigma, taylor_form=taylor_form, rank=rank,
+                    rank_tol=rank_tol, clamp=clamp)
+        if backend == "auto":
+            specs = []
+            for name in candidates:
+                for d in (candidate_damping if name != "reuse" else (0.0,)):
+                    specs.append(BasisSpec(name, damping=float(d), **base))
+            self.candidates: List[BasisSpec] = list(dict.fromkeys(specs))
+            self.primary = None
+        else:
+            self.primary = BasisSpec(backend, damping=damping, **base)
+            self.candidates = []
+        self.fallback_spec = BasisSpec(fallback, **base) if fallback != "reuse" else None
+        self.holdouts = int(holdouts)
+        self.stats = ForecastStats()
+        self.last_labels: List[str] = []
+        self._fits: Dict[Tuple[int, BasisSpec], List[Any]] = {}
+        self._choice: Dict[int, List[List[BasisSpec]]] = {}
+        self._gram_cache: Tuple[int, Any] = (-1, None)
+
+    # ------------------------------------------------------------------ history
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def reset(self) -> None:
+        self.store.clear()
+        self._fits.clear()
+        self._choice.clear()
+        self._gram_cache = (-1, None)
+        self.last_labels = []
+
+    def push(self, t: float, velocity: Any) -> PushResult:
+        res = self.store.push(float(t), velocity)
+        if res.restarted:
+            self.stats.restarts[res.restarted] += 1
+        self._fits.clear()
+        self._choice.clear()
+        return res
+
+    # ------------------------------------------------------------------ fitting
+    def _window(self):
+        v = self.store.version
+        if self._gram_cache[0] != v:
+            self._gram_cache = (v, (self.store.times, self.store.gram()))
+        return self._gram_cache[1]
+
+    def _fit(self, spec: BasisSpec, item: int, n: Optional[int] = None):
+        """Fit (cached per window) of ``spec`` on the first ``n`` snapshots of ``item``."""
+        t, G = self._window()
+        n = len(t) if n is None else n
+        key = (n, spec.undamped())
+        fits = self._fits.get(key)
+        if fits is None:
+            fits = [None] * self.store.items
+            self._fits[key] = fits
+        if fits[item] is None:
+            try:
+                fits[item] = fit_basis(spec.undamped(), t[:n], G[item, :n, :n], self.store.gram_eps)
+            except (FitError, np.linalg.LinAlgError, ValueError) as e:
+                fits[item] = FitError(getattr(e, "reason", "linalg_error"))
+        return fits[item]
+
+    def _weights(self, spec: BasisSpec, item: int, tq: float, n: Optional[int] = None) -> np.ndarray:
+        fit = self._fit(spec, item, n)
+        if isinstance(fit, FitError):
+            raise fit
+        with np.errstate(all="ignore"):
+            w = _damp(fit.weights(tq), spec.damping)
+        if not np.all(np.isfinite(w)) or np.abs(w).sum() > _MAX_WEIGHT_L1:
+            raise FitError("nonfinite_weights")
+        return w
+
+    def _ranked_candidates(self, item: int) -> List[BasisSpec]:
+        """Auto: candidates ordered by their backcast error on held-out snapshots."""
+        v = self.store.version
+        per_item = self._choice.setdefault(v, [None] * self.store.items)
+        if per_item[item] is not None:
+            return per_item[item]
+        t, G = self._window()
+        n = len(t)
+        scores = []
+        for rank, spec in enumerate(self.candidates):
+            errs = []
+            for h in range(n - 1, max(0, n - 1 - self.holdouts), -1):
+                try:
+                    w = self._weights(spec, item, t[h], n=h)
+                except FitError:
+                    if h == n - 1:
+                        break
+                    continue
+                Gh = G[item, :h, :h]
+                err2 = float(w @ Gh @ w - 2.0 * w @ G[item, :h, h] + G[item, h, h])
+                errs.append(np.sqrt(max(err2, 0.0) / max(G[item, h, h], 1e-300)))
+            if errs and len(errs) > 0 and (n - 1) >= 1:
+                scores.append((float(np.mean(errs)), rank, spec))
+        scores.sort(key=lambda s: (s[0], s[1]))
+        ranked = [s[2] for s in scores]
+        if not ranked:
+            ranked = [BasisSpec("reuse")]
+        per_item[item] = ranked
+        return ranked
+
+    # ------------------------------------------------------------------ predict
+    def chain(self, item: int) -> List[BasisSpec]:
+        """Bases tried in order for ``item``: the primary (or auto's ranking), the
+        polynomial fallback, plain reuse."""
+        if self.backend == "auto":
+            chain = list(self._ranked_candidates(item))
+        else:
+            chain = [self.primary]
+        if self.fallback_spec is not None and self.fallback_spec.name not in {c.name for c in chain}:
+            chain.append(self.fallback_spec)
+        chain.append(BasisSpec("reuse"))
+        return chain
+
+    def predict_weights(self, tq: float) -> Tuple[np.ndarray, List[str], List[str]]:
+        """Snapshot weights ``[items, n]`` for a forecast at ``tq``, the label of the basis
+        that served each item, and the fallback reasons met on the way."""
+        if len(self.store) == 0:
+            raise RuntimeError("predict() called before any snapshot was pushed")
+        n = len(self.store)
+        W = np.zeros((self.store.items, n))
+        labels, reasons = [], []
+        for item in range(self.store.items):
+            for spec in self.chain(item):
+                try:
+                    W[item] = self._weights(spec, item, float(tq))
+                    labels.append(spec.label)
+                    fit = self._fit(spec, item)
+                    if spec.name == "dmd" and fit.exp_fit is not None:
+                        self.stats.clamped_modes += fit.exp_fit.clamped
+                    break
+                except FitError as e:
+                    reasons.append(f"{spec.name}:{e.reason}")
+        return W, labels, reasons
+
+    def predict(self, tq: float) -> Any:
+        W, labels, reasons = self.predict_weights(tq)
+        if self.store.max_abs_bound(W) >= 0.5 * self.store.low_precision_max():
+            reasons.append("overflow_guard")
+            W = np.zeros_like(W)
+            W[:, -1] = 1.0
+            labels = ["reuse"] * len(labels)
+        for r in reasons:
+            self.stats.fallbacks[r] += 1
+        for lab in labels:
+            self.stats.per_basis[lab] += 1
+        self.last_labels = labels
+        return self.store.combine(W)
+
+
+def make_forecaster(name: str = "dmd", history: int = 6, **options: Any) -> Forecaster:
+    """Build a forecaster: ``"reuse" | "taylor" | "hermite" | "dmd" | "auto"``.
+
+    Options: ``order``, ``sigma``, ``damping``, ``taylor_form`` ("newton" | "taylorseer"),
+    ``rank``, ``rank_tol``, ``clamp``, ``fallback``, ``batch_dim``, ``candidates``,
+    ``candidate_damping``, ``holdouts`` (see :class:`hicache3d.CacheConfig`).
+    """
+    return Forecaster(name, history, **options)

@@ -1,0 +1,287 @@
+"""Snapshot history: leaf buffers, the float64 Gram matrix, and the weighted-sum kernel.
+
+Every forecast basis produces weights ``w`` over the stored snapshots; the forecast is
+``sum_j w_j V_j``.  This module owns the only two passes over the (large) velocity data:
+
+* :meth:`SnapshotStore.push` copies a new snapshot into a preallocated ring buffer and
+  updates the Gram matrix ``G_ij = <V_i, V_j>`` per batch item with one read of the
+  history (O(d n)).
+* :meth:`SnapshotStore.combine` evaluates ``sum_j w_j V_j`` with one read of the history.
+
+Leaves are stored as ``[rows, capacity, cols]``; a row belongs to one batch item (a dense
+batch axis: row = item; a sparse tensor: rows are points, item = ``coords[:, 0]``; no
+batching: a single row).  Items never mix: each has its own Gram matrix and weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..tree import TreeSpec, flatten, unflatten
+
+__all__ = ["SnapshotStore", "PushResult"]
+
+# columns per chunk when low-precision data is up-cast on the fly (keeps temporaries
+# cache-sized and the extra memory a small fraction of the history)
+_CHUNK = 1 << 16
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class _Leaf:
+    buf: torch.Tensor                 # [rows, cap, cols], working dtype
+    shape: Tuple[int, ...]            # original leaf shape
+    batch_dim: Optional[int]          # dense batch axis (moved to the front), or None
+    row_items: Optional[torch.Tensor]  # sparse: item index per row (long), else None
+    amax: np.ndarray                  # per slot max |value| (overflow guard for fp16/bf16)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    restarted: Optional[str]          # why the history was restarted, or None
+    accepted: bool                    # False: snapshot was not finite and was dropped
+
+
+class SnapshotStore:
+    """A bounded history of velocity snapshots with per-item Gram matrices."""
+
+    def __init__(self, capacity: int, batch_dim: Optional[int] = 0):
+        if capacity < 1:
+            raise ValueError(f"history must be >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.batch_dim = batch_dim
+        self.clear()
+
+    # ------------------------------------------------------------------ state
+    def clear(self) -> None:
+        self.spec: Optional[TreeSpec] = None
+        self._leaves: List[_Leaf] = []
+        self._order: List[int] = []            # slots, oldest .. newest
+        self._times: List[float] = []          # position of each slot's snapshot
+        self._gram: Optional[np.ndarray] = None  # [items, cap, cap] float64, slot-indexed
+        self.items = 1
+        self.version = 0                        # bumps on every accepted push / clear
+        self.gram_eps = float(np.finfo(np.float64).eps)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @property
+    def times(self) -> np.ndarray:
+        return np.asarray([self._times[s] for s in self._order], dtype=np.float64)
+
+    def gram(self) -> np.ndarray:
+        """Gram matrices ``[items, n, n]`` in float64, oldest snapshot first."""
+        o = self._order
+        return self._gram[:, o][:, :, o]
+
+    # ------------------------------------------------------------------ layout
+    def _layout(self, leaves: Sequence[torch.Tensor], spec: TreeSpec) -> Tuple[int, list]:
+        """Decide the row layout of every leaf and the number of batch items."""
+        infos = spec.leaves
+        if self.batch_dim is None:
+            return 1, [(None, None)] * len(leaves)
+        dense = [i for i in infos if not i.sparse]
+        sparse_items = []
+        for info, tmpl in zip([i for i in infos if i.sparse], spec._templates):
+            coords = getattr(tmpl, "coords", None)
+            if (isinstance(coords, torch.Tensor) and coords.dim() == 2 and coords.shape[0] > 0
+                    and coords.shape[0] == info.shape[0]):
+                sparse_items.append(coords[:, 0].to(torch.long))
+            else:
+                sparse_items.append(None)
+        dense_sizes = {i.shape[i.batch_dim] for i in dense if i.batch_dim is not None}
+        dense_ok = all(i.batch_dim is not None for i in dense) and len(dense_sizes) <= 1
+        sparse_ok = all(s is not None for s in sparse_items)
+        if not (dense_ok and sparse_ok):
+            return 1, [(None, None)] * len(leaves)
+        n_sparse = {int(s.max().item()) + 1 for s in sparse_items}
+        sizes = dense_sizes | n_sparse
+        if len(dense_sizes) == 1 and n_sparse and max(n_sparse) > next(iter(dense_sizes)):
+            return 1, [(None, None)] * len(leaves)
+        items = max(sizes) if sizes else 1
+        out, it = [], iter(sparse_items)
+        for info in infos:
+            if info.sparse:
+                out.append((None, next(it)))
+            else:
+                out.append((info.batch_dim, None))
+        return items, out
+
+    @staticmethod
+    def _rows_view(t: torch.Tensor, batch_dim: Optional[int], sparse: bool) -> torch.Tensor:
+        t = t.detach()
+        if sparse:
+            return t.reshape(t.shape[0], -1)
+        if batch_dim is None:
+            return t.reshape(1, -1)
+        return t.movedim(batch_dim, 0).reshape(t.shape[batch_dim], -1)
+
+    def _start(self, leaves: Sequence[torch.Tensor], spec: TreeSpec) -> None:
+        self.items, layout = self._layout(leaves, spec)
+        self._leaves = []
+        for t, info, (bd, row_items) in zip(leaves, spec.leaves, layout):
+            view = self._rows_view(t, bd, info.sparse)
+            buf = torch.zeros((view.shape[0], self.capacity, view.shape[1]),
+                              dtype=t.dtype, device=t.device)
+            self._leaves.append(_Leaf(buf, tuple(t.shape), bd,
+                                      row_items.to(t.device) if row_items is not None else None,
+                                      np.zeros(self.capacity)))
+        self.spec = spec
+        self._order, self._times = [], [0.0] * self.capacity
+        self._gram = np.zeros((self.items, self.capacity, self.capacity), dtype=np.float64)
+        low = any(t.dtype not in (torch.float64,) for t in leaves)
+        # float32 accumulation of fp32/fp16/bf16 data: the Gram is as precise as fp32
+        self.gram_eps = float(torch.finfo(torch.float32).eps) if low else float(np.finfo(np.float64).eps)
+
+    # ------------------------------------------------------------------ push
+    def push(self, position: float, velocity: Any) -> PushResult:
+        """Store a detached copy of ``velocity`` taken at ``position``."""
+        leaves, spec = flatten(velocity, self.batch_dim)
+        if not leaves:
+            raise TypeError(f"velocity of type {type(velocity).__name__} contains no tensor")
+        for t in leaves:
+            if not t.is_floating_point():
+                raise TypeError(f"velocity leaves must be floating point tensors, got {t.dtype}")
+        restarted = None
+        if self.spec is None:
+            self._start(leaves, spec)
+        elif not (spec == self.spec) or any(
+                t.device != l.buf.device for t, l in zip(leaves, self._leaves)):
+            restarted = "structure_changed"
+            self._start(leaves, spec)
+
+        slot = len(self._order) if len(self._order) < self.capacity else self._order[0]
+        dots = np.zeros((self.items, self.capacity), dtype=np.float64)
+        for t, leaf, info in zip(leaves, self._leaves, spec.leaves):
+            view = self._rows_view(t, leaf.batch_dim, info.sparse)
+            leaf.buf[:, slot].copy_(view)
+            row_dots = self._row_dots(leaf.buf, slot)                 # [rows, cap] float64
+            if leaf.row_items is not None:
+                acc = torch.zeros((self.items, self.capacity), dtype=torch.float64,
+                                  device=row_dots.device)
+                acc.index_add_(0, leaf.row_items, row_dots)
+                row_dots = acc
+            elif row_dots.shape[0] != self.items:                      # unbatched leaf
+                row_dots = row_dots.sum(0, keepdim=True).expand(self.items, -1)
+            dots += row_dots.cpu().numpy()
+            if t.dtype in _LOW_PRECISION:
+                leaf.amax[slot] = float(leaf.buf[:, slot].abs().amax().float().item())
+        if not np.all(np.isfinite(dots[:, slot])):
+            # a non-finite snapshot would poison every later forecast: drop the history
+            self._order, self.spec = [], None
+            self.version += 1
+            return PushResult(restarted="nonfinite_snapshot", accepted=False)
+        if slot in self._order:
+            self._order.remove(slot)
+        self._order.append(slot)
+        self._times[slot] = float(position)
+        g = self._gram
+        g[:, slot, :] = dots
+        g[:, :, slot] = dots
+        self.version += 1
+        return PushResult(restarted=restarted, accepted=True)
+
+    @staticmethod
+    def _row_dots(buf: torch.Tensor, slot: int) -> torch.Tensor:
+        """``<buf[r, s, :], buf[r, slot, :]>`` for every row and slot, accumulated in float64."""
+        rows, cap, cols = buf.shape
+        cdt = _compute_dtype(buf.dtype)
+        out = torch.zeros((rows, cap), dtype=torch.float64, device=buf.device)
+        if buf.dtype == cdt and rows == 1 and cols <= _CHUNK:
+            return (buf[0] @ buf[0, slot]).to(torch.float64).unsqueeze(0)
+        for c0 in range(0, cols, _CHUNK):
+            blk = buf[:, :, c0:c0 + _CHUNK]
+            if blk.dtype != cdt:
+                blk = blk.to(cdt)
+            v = blk[:, slot, :].unsqueeze(-1)                          # [rows, chunk, 1]
+            out += torch.bmm(blk, v).squeeze(-1).to(torch.float64)
+        return out
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, weights: np.ndarray) -> Any:
+        """Return ``sum_j weights[item, j] * V_j`` rebuilt into the velocity structure.
+
+        ``weights``: ``[items, n]`` float64, oldest snapshot first.
+        """
+        n = len(self._order)
+        weights = np.asarray(weights, dtype=np.float64).reshape(self.items, n)
+        slot_w = np.zeros((self.items, self.capacity), dtype=np.float64)
+        slot_w[:, self._order] = weights
+        newest = self._order[-1]
+        is_reuse = np.all(slot_w[:, newest] == 1.0) and np.count_nonzero(slot_w) == self.items
+        out = []
+        for leaf, info in zip(self._leaves, self.spec.leaves):
+            buf = leaf.buf
+            if is_reuse:
+                rows = buf[:, newest].clone()
+            else:
+                rows = self._weighted_rows(buf, slot_w, leaf, self.items)
+            out.append(self._from_rows(rows, leaf, info.sparse))
+        return unflatten(self.spec, out)
+
+    def max_abs_bound(self, weights: np.ndarray) -> float:
+        """An upper bound of ``|sum_j w_j V_j|`` for low-precision leaves (else 0)."""
+        slot_w = np.zeros((self.items, self.capacity))
+        slot_w[:, self._order] = np.asarray(weights).reshape(self.items, -1)
+        bound = 0.0
+        for leaf in self._leaves:
+            if leaf.buf.dtype in _LOW_PRECISION:
+                bound = max(bound, float(np.max(np.abs(slot_w) @ leaf.amax)))
+        return bound
+
+    def low_precision_max(self) -> float:
+        m = [float(torch.finfo(l.buf.dtype).max) for l in self._leaves if l.buf.dtype in _LOW_PRECISION]
+        return min(m) if m else float("inf")
+
+    @staticmethod
+    def _weighted_rows(buf: torch.Tensor, slot_w: np.ndarray, leaf: _Leaf, items: int) -> torch.Tensor:
+        rows, cap, cols = buf.shape
+        cdt = _compute_dtype(buf.dtype)
+        w = torch.from_numpy(slot_w).to(device=buf.device, dtype=cdt)       # [items, cap]
+        if leaf.row_items is not None:
+            w_rows = w[leaf.row_items]                                       # [rows, cap]
+        elif rows == items:
+            w_rows = w
+        else:                                                                # unbatched leaf
+            w_rows = w[:1]
+        if buf.dtype == cdt:
+            if rows == 1:
+                return (w_rows @ buf[0])                                     # GEMV [1, cols]
+            if leaf.row_items is None:
+                return torch.bmm(w_rows.unsqueeze(1), buf).squeeze(1)
+            return torch.einsum("rs,rsc->rc", w_rows, buf)
+        out = torch.empty((rows, cols), dtype=buf.dtype, device=buf.device)
+        for c0 in range(0, cols, _CHUNK):
+            blk = buf[:, :, c0:c0 + _CHUNK].to(cdt)
+            if rows == 1:
+                res = w_rows @ blk[0]
+            elif leaf.row_items is None:
+                res = torch.bmm(w_rows.unsqueeze(1), blk).squeeze(1)
+            else:
+                res = torch.einsum("rs,rsc->rc", w_rows, blk)
+            out[:, c0:c0 + _CHUNK] = res
+        return out
+
+    @staticmethod
+    def _from_rows(rows: torch.Tensor, leaf: _Leaf, sparse: bool) -> torch.Tensor:
+        shape = leaf.shape
+        if sparse or leaf.batch_dim is None:
+            return rows.reshape(shape)
+        bd = leaf.batch_dim
+        moved = (shape[bd],) + tuple(s for i, s in enumerate(shape) if i != bd)
+        out = rows.reshape(moved)
+        return out if bd == 0 else out.movedim(0, bd).contiguous()
+
+    def newest(self) -> Any:
+        """A copy of the newest snapshot in its original structure."""
+        w = np.zeros((self.items, len(self._order)))
+        w[:, -1] = 1.0
+        return self.combine(w)
