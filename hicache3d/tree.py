@@ -190,3 +190,33 @@ def map_leaves(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
     """Apply ``fn`` to every tensor leaf of ``obj``, keeping the structure."""
     leaves, spec = flatten(obj, batch_dim=None)
     return unflatten(spec, [fn(t) for t in leaves])
+
+
+def map_pairs(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: Any, b: Any) -> Any:
+    """Apply ``fn`` leafwise to two velocities of the same structure."""
+    la, spec = flatten(a, batch_dim=None)
+    lb, spec_b = flatten(b, batch_dim=None)
+    if len(la) != len(lb):
+        raise ValueError("velocities have different structures")
+    return unflatten(spec, [fn(x, y) for x, y in zip(la, lb)])
+
+
+def item_cosines(a: Any, b: Any, batch_dim: Optional[int] = 0) -> torch.Tensor:
+    """Cosine similarity of two velocities per batch item (float64, shape ``[items]``)."""
+    la, spec = flatten(a, batch_dim)
+    lb, _ = flatten(b, batch_dim)
+    dims = {i.shape[i.batch_dim] for i in spec.leaves if i.batch_dim is not None}
+    batched = (batch_dim is not None and len(dims) == 1
+               and all(i.batch_dim is not None for i in spec.leaves))
+    dot = nx = ny = 0
+    for x, y, info in zip(la, lb, spec.leaves):
+        if batched:
+            x = x.detach().movedim(info.batch_dim, 0).reshape(x.shape[info.batch_dim], -1)
+            y = y.detach().movedim(info.batch_dim, 0).reshape(y.shape[info.batch_dim], -1)
+        else:
+            x, y = x.detach().reshape(1, -1), y.detach().reshape(1, -1)
+        x, y = x.to(torch.float64), y.to(torch.float64)
+        dot = dot + (x * y).sum(1)
+        nx = nx + (x * x).sum(1)
+        ny = ny + (y * y).sum(1)
+    return dot / (torch.sqrt(nx * ny) + 1e-300)

@@ -196,14 +196,15 @@ def _varpro(Y: np.ndarray, t: np.ndarray, mu0: np.ndarray, iters: int = 40) -> T
 
 def fit_exponential(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_tol: float = 1e-4,
                     gram_eps: float = 2.2e-16, clamp: bool = True, keep_residual: bool = True,
-                    min_snapshots: int = 3, refine: bool = True) -> ExpFit:
+                    min_snapshots: int = 3, refine: bool = True,
+                    pod_tol: Optional[float] = None) -> ExpFit:
     """Fit the exponential model to the snapshots behind Gram matrix ``G`` at positions ``t``."""
     t = np.asarray(t, dtype=np.float64)
     n = len(t)
     if n < max(2, min_snapshots):
         raise FitError("insufficient_history")
     tol = max(rank_tol, 4.0 * np.sqrt(gram_eps))
-    Y, coef, _ = _pod(np.asarray(G, dtype=np.float64), tol, None)
+    Y, coef, _ = _pod(np.asarray(G, dtype=np.float64), tol if pod_tol is None else pod_tol, None)
     r = Y.shape[0]
     direction = np.sign(t[-1] - t[-2]) or 1.0
     if is_uniform(t):

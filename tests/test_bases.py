@@ -1,0 +1,180 @@
+"""Exactness of every basis, checked against independent closed forms."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hicache3d.forecast import (fit_exponential, hermite_weights, lagrange_weights,
+                                make_forecaster, taylorseer_weights)
+
+
+def exp_traj(d=48, seed=0, poles=None):
+    g = torch.Generator().manual_seed(seed)
+    if poles is None:
+        poles = [0.93 * np.exp(0.4j), 0.97 * np.exp(-0.15j), 0.8]
+    z = torch.tensor(poles, dtype=torch.complex128)
+    A = torch.randn(d, len(poles), dtype=torch.complex128, generator=g)
+    return lambda t: (A @ (z ** float(t))).real.reshape(1, d)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("horizon", [0.5, 1, 2.25, 3, 5])
+def test_dmd_exact_on_exponentials_uniform(horizon):
+    f = exp_traj()
+    fc = make_forecaster("dmd", history=7)
+    for t in range(7):
+        fc.push(t, f(t))
+    assert rel(fc.predict(6 + horizon), f(6 + horizon)) <= 1e-6
+    assert fc.stats.per_basis["dmd"] == 1
+
+
+@pytest.mark.parametrize("times", [[0, 1, 2, 5, 8, 11], [0, 1, 2, 3, 6, 9], [0, 1, 2, 6, 10, 14]])
+@pytest.mark.parametrize("frac", [1, 1.5, 2.75])
+def test_dmd_exact_on_exponentials_irregular(times, frac):
+    """Warm-up snapshots (spacing 1) plus the cache cadence: variable projection."""
+    f = exp_traj(poles=[0.9 * np.exp(0.3j), 0.85])
+    fc = make_forecaster("dmd", history=8)
+    for t in times:
+        fc.push(t, f(t))
+    tq = times[-1] + frac
+    assert rel(fc.predict(tq), f(tq)) <= 1e-6
+
+
+def test_dmd_engages_with_three_warmup_snapshots():
+    f = exp_traj(poles=[0.9 * np.exp(0.3j)])        # one oscillation: rank 2
+    fc = make_forecaster("dmd", history=6)
+    for t in range(3):
+        fc.push(t, f(t))
+    assert rel(fc.predict(3.0), f(3.0)) <= 1e-6
+    assert fc.stats.per_basis["dmd"] == 1
+
+
+def test_dmd_in_sampler_time_decreasing():
+    """Positions may be sampler times running from 1 to 0 on a warped grid."""
+    ts = 1 - np.linspace(0, 1, 13)
+    ts = 3 * ts / (1 + 2 * ts)
+    rates = [-1.5 + 4j, -0.7]
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(32, 2, dtype=torch.complex128, generator=g)
+    mu = torch.tensor(rates, dtype=torch.complex128)
+    f = lambda t: (A @ torch.exp(mu * (1 - t))).real.reshape(1, -1)
+    fc = make_forecaster("dmd", history=6)
+    for t in ts[:6]:
+        fc.push(float(t), f(t))
+    assert rel(fc.predict(float(ts[7])), f(ts[7])) <= 1e-6
+
+
+def test_growing_modes_are_clamped_and_counted():
+    f = exp_traj(poles=[1.2, 0.9])
+    fc = make_forecaster("dmd", history=6)
+    for t in range(6):
+        fc.push(t, f(t))
+    fc.predict(8)
+    assert fc.stats.clamped_modes >= 1
+    # the clamped forecast grows no faster than the last value
+    w = fit_exponential(np.arange(6.0), fc.store.gram()[0]).weights(8.0)
+    assert np.all(np.isfinite(w))
+
+
+@pytest.mark.parametrize("m", [0, 1, 2, 3])
+def test_taylor_exact_on_polynomials_of_its_order(m):
+    g = torch.Generator().manual_seed(m)
+    C = torch.randn(m + 1, 1, 40, dtype=torch.float64, generator=g)
+    poly = lambda t: sum(C[i] * t ** i for i in range(m + 1))
+    fc = make_forecaster("taylor", history=6, order=m)
+    for t in (0, 1, 2, 5, 8, 11):          # non-uniform spacing too
+        fc.push(t, poly(float(t)))
+    for tq in (12.0, 13.5, 15.0):
+        assert rel(fc.predict(tq), poly(tq)) <= 1e-9
+
+
+def test_taylorseer_form_matches_published_formula():
+    """TaylorSeer: D^i = (D^{i-1}_now - D^{i-1}_prev)/N, forecast sum_i D^i k^i / i!."""
+    rng = np.random.default_rng(0)
+    V = rng.normal(size=(4, 16))
+    N = 3
+    t = np.array([0, 3, 6, 9.0])
+    # independent recursion on the data itself
+    D_prev = None
+    for j in range(4):
+        D = [V[j]]
+        if D_prev is not None:
+            for i in range(min(2, len(D_prev))):
+                D.append((D[i] - D_prev[i]) / N)
+        D_prev = D
+    for k in (1, 2):
+        expect = sum(D_prev[i] * k ** i / math.factorial(i) for i in range(len(D_prev)))
+        got = taylorseer_weights(t, 9.0 + k, 2) @ V
+        np.testing.assert_allclose(got, expect, rtol=1e-12)
+
+
+def test_hermite_matches_published_formula():
+    """HiCache: F + sum_i D^i / i! * sigma^i H_i(sigma k), H_1 = 2x, H_2 = 4x^2 - 2,
+    H_3 = 8x^3 - 12x (closed forms, written out independently)."""
+    H = [lambda x: 1.0, lambda x: 2 * x, lambda x: 4 * x * x - 2, lambda x: 8 * x ** 3 - 12 * x]
+    rng = np.random.default_rng(1)
+    V = rng.normal(size=(5, 10))
+    t = np.array([0, 1, 2, 4, 6.0])
+    sigma = 0.6
+    # backward differences by hand on the last 4 snapshots
+    d1 = [(V[j] - V[j - 1]) / (t[j] - t[j - 1]) for j in range(2, 5)]
+    d2 = [(d1[j] - d1[j - 1]) / (t[j + 2] - t[j + 1]) for j in range(1, 3)]
+    d3 = (d2[1] - d2[0]) / (t[4] - t[3])
+    D = [V[4], d1[-1], d2[-1], d3]
+    for k in (1.0, 2.0, 3.0):
+        expect = sum(D[i] / math.factorial(i) * sigma ** i * H[i](sigma * k) for i in range(4))
+        got = hermite_weights(t, 6.0 + k, 3, sigma) @ V
+        np.testing.assert_allclose(got, expect, rtol=1e-12)
+
+
+def test_lagrange_weights_sum_to_one():
+    t = np.array([0, 1, 2, 5, 8.0])
+    for m in range(4):
+        assert abs(lagrange_weights(t, 10.3, m).sum() - 1) < 1e-12
+
+
+def test_auto_picks_dmd_on_clean_exponential():
+    f = exp_traj()
+    fc = make_forecaster("auto", history=7)
+    for t in range(7):
+        fc.push(t, f(t))
+    out = fc.predict(8.0)
+    assert fc.last_labels == ["dmd"]
+    assert rel(out, f(8.0)) <= 1e-6
+
+
+def test_auto_picks_reuse_or_damped_after_regime_switch():
+    """A velocity that was smooth and then jumps to a new constant: extrapolating the jump
+    is wrong; the held-out backcast must prefer a basis that does not extrapolate it."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(1, 32, generator=g, dtype=torch.float64), torch.randn(1, 32, generator=g, dtype=torch.float64)
+    slope = torch.randn(1, 32, generator=g, dtype=torch.float64)
+    traj = {t: a + 0.3 * t * slope for t in range(4)}
+    traj.update({t: b for t in range(4, 12)})
+    fc = make_forecaster("auto", history=6)
+    for t in range(6):
+        fc.push(t, traj[t])
+    out = fc.predict(7.0)
+    errs = {}
+    for name in ("reuse", "taylor", "hermite", "dmd"):
+        f2 = make_forecaster(name, history=6)
+        for t in range(6):
+            f2.push(t, traj[t])
+        errs[name] = rel(f2.predict(7.0), traj[7])
+    assert rel(out, traj[7]) <= min(errs.values()) + 1e-9
+    assert fc.last_labels[0].startswith("reuse")
+
+
+def test_auto_selection_is_cached_per_window():
+    f = exp_traj()
+    fc = make_forecaster("auto", history=6)
+    for t in range(6):
+        fc.push(t, f(t))
+    fc.predict(6.0)
+    n_fits = len(fc._fits)
+    fc.predict(7.0)
+    assert len(fc._fits) == n_fits

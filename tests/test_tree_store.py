@@ -1,0 +1,194 @@
+"""Tree-aware snapshots, batch independence, dtypes, copies, structure changes."""
+import collections
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from hicache3d.forecast import make_forecaster
+from hicache3d.tree import flatten, unflatten
+
+Pair = collections.namedtuple("Pair", "shape pose")
+
+
+@dataclasses.dataclass
+class Vel:
+    a: torch.Tensor
+    b: dict
+    tag: str = "x"
+
+
+class FakeSparse:
+    """Stand-in for a sparse tensor: features, coordinates, and ``replace``."""
+
+    def __init__(self, feats, coords):
+        self.feats, self.coords = feats, coords
+
+    def replace(self, feats):
+        return FakeSparse(feats, self.coords)
+
+
+def lin(t, base, slope):
+    return base + t * slope
+
+
+def make_trees(kind, t, g=torch.Generator().manual_seed(0), cache={}):
+    if kind not in cache:
+        cache[kind] = [torch.randn(2, 5, 3, generator=g, dtype=torch.float64) for _ in range(4)]
+    b0, s0, b1, s1 = cache[kind]
+    x, y = lin(t, b0, s0), lin(t, b1, s1)
+    coords = torch.tensor([[0, 1, 1, 1], [0, 2, 2, 2], [1, 0, 0, 0], [1, 3, 3, 3], [1, 4, 4, 4]])
+    return {
+        "tensor": x,
+        "dict": {"shape": x, "nested": {"pose": y[:, :2]}},
+        "list": [x, (y, None)],
+        "namedtuple": Pair(x, y),
+        "dataclass": Vel(x, {"q": y}),
+        "sparse": FakeSparse(x.reshape(-1, 3)[:5], coords),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "dict", "list", "namedtuple", "dataclass", "sparse"])
+def test_every_tree_kind_roundtrips_and_forecasts(kind):
+    fc = make_forecaster("taylor", history=4, order=1)
+    for t in (0, 1, 2):
+        fc.push(t, make_trees(kind, float(t)))
+    out = fc.predict(4.0)
+    want = make_trees(kind, 4.0)
+    lo, so = flatten(out)
+    lw, sw = flatten(want)
+    assert so == sw and type(out) is type(want)
+    for a, b in zip(lo, lw):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    if kind == "sparse":
+        assert out.coords is want.coords or torch.equal(out.coords, want.coords)
+    if kind == "dataclass":
+        assert out.tag == "x"
+
+
+def test_structure_or_shape_change_restarts_history():
+    fc = make_forecaster("dmd", history=6)
+    fc.push(0, {"a": torch.zeros(1, 4)})
+    fc.push(1, {"a": torch.ones(1, 4)})
+    fc.push(2, {"a": torch.ones(1, 5)})            # new shape
+    assert len(fc) == 1 and fc.stats.restarts["structure_changed"] == 1
+    fc.push(3, {"b": torch.ones(1, 5)})            # new key
+    assert len(fc) == 1 and fc.stats.restarts["structure_changed"] == 2
+    out = fc.predict(4)
+    assert torch.equal(out["b"], torch.ones(1, 5))
+
+
+def test_sparse_coords_change_restarts_history():
+    fc = make_forecaster("reuse", history=3)
+    c1 = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1]])
+    c2 = torch.tensor([[0, 0, 0, 0], [0, 2, 2, 2]])
+    fc.push(0, FakeSparse(torch.ones(2, 8), c1))
+    fc.push(1, FakeSparse(torch.ones(2, 8), c2))
+    assert len(fc) == 1
+
+
+@pytest.mark.parametrize("backend", ["taylor", "hermite", "dmd", "auto"])
+def test_batch_items_are_fitted_independently(backend):
+    """Item 0's forecast must not change when item 1's history is replaced by noise."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.tensor([0.9 * np.exp(0.3j), 0.8], dtype=torch.complex128)
+    A = torch.randn(64, 2, dtype=torch.complex128, generator=g)
+    smooth = lambda t: (A @ (z ** float(t))).real
+    noise = [torch.randn(64, dtype=torch.float64, generator=g) * 5 for _ in range(8)]
+    outs = []
+    for other in ("smooth", "noise"):
+        fc = make_forecaster(backend, history=6)
+        for t in range(6):
+            second = smooth(t) * 2 if other == "smooth" else noise[t]
+            fc.push(t, torch.stack([smooth(t), second]))
+        outs.append(fc.predict(7.0)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-12)
+    if backend == "dmd":
+        assert float((outs[0] - smooth(7)).norm() / smooth(7).norm()) < 1e-6
+
+
+def test_sparse_batch_items_use_coords_column():
+    g = torch.Generator().manual_seed(2)
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0], [1, 0, 1, 0]])
+    base, slope = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    fcs = []
+    for noisy in (False, True):
+        fc = make_forecaster("taylor", history=4, order=2)
+        for t in range(4):
+            feats = base + t * slope
+            if noisy:
+                feats = feats.clone()
+                feats[2:] = torch.randn(2, 8, generator=g) * 10
+            fc.push(t, FakeSparse(feats, coords))
+        fcs.append(fc.predict(5.0).feats[:2])
+    torch.testing.assert_close(fcs[0], fcs[1])
+    assert fc.store.items == 2
+
+
+def test_batch_dim_none_fits_whole_batch_as_one():
+    fc = make_forecaster("taylor", history=3, batch_dim=None)
+    for t in range(3):
+        fc.push(t, torch.full((2, 4), float(t)))
+    assert fc.store.items == 1
+    torch.testing.assert_close(fc.predict(4.0), torch.full((2, 4), 4.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_fitted_in_high_precision_returned_in_own_dtype(dtype):
+    g = torch.Generator().manual_seed(3)
+    z = torch.tensor([0.9 * np.exp(0.3j), 0.95], dtype=torch.complex128)
+    A = torch.randn(4096, 2, dtype=torch.complex128, generator=g)
+    f = lambda t: (A @ (z ** float(t))).real.reshape(1, -1)
+    fc = make_forecaster("dmd", history=6)
+    for t in range(6):
+        fc.push(t, f(t).to(dtype))
+    out = fc.predict(7.0)
+    assert out.dtype == dtype and out.device == torch.device("cpu")
+    err = float((out.double() - f(7)).norm() / f(7).norm())
+    # rounding of the stored snapshots (eps of the dtype) bounds the error, up to a factor
+    assert err < 50 * torch.finfo(dtype).eps, err
+
+
+def test_snapshots_are_detached_copies():
+    fc = make_forecaster("reuse", history=2)
+    x = torch.ones(1, 4, requires_grad=True) * 1.0
+    buf = torch.ones(1, 4)
+    fc.push(0, buf)
+    buf.fill_(7.0)                                  # sampler reuses its buffer in place
+    out = fc.predict(1)
+    assert torch.equal(out, torch.ones(1, 4))
+    fc.push(1, x)
+    assert not fc.predict(2).requires_grad
+
+
+def test_nonfinite_snapshot_is_dropped_and_counted():
+    fc = make_forecaster("dmd", history=4)
+    fc.push(0, torch.ones(1, 3))
+    fc.push(1, torch.tensor([[1.0, float("nan"), 0.0]]))
+    assert len(fc) == 0 and fc.stats.restarts["nonfinite_snapshot"] == 1
+
+
+def test_fallback_chain_dmd_to_hermite_to_reuse_is_counted():
+    fc = make_forecaster("dmd", history=4)
+    fc.push(0, torch.ones(1, 3))
+    fc.push(1, 2 * torch.ones(1, 3))
+    out = fc.predict(2)                            # two snapshots: dmd cannot fit
+    assert fc.last_labels == ["hermite"]
+    assert fc.stats.fallbacks["dmd:insufficient_history"] == 1
+    assert torch.isfinite(out).all()
+
+
+def test_overflow_guard_in_fp16_falls_back_to_reuse():
+    fc = make_forecaster("taylor", history=3, order=2)
+    for t, v in enumerate((1.0, 30000.0, 65000.0)):
+        fc.push(t, torch.full((1, 8), v, dtype=torch.float16))
+    out = fc.predict(6.0)
+    assert torch.isfinite(out).all()
+    assert fc.stats.fallbacks["overflow_guard"] == 1
+
+
+def test_unflatten_rebuilds_constants():
+    leaves, spec = flatten({"a": torch.ones(2), "b": None, "c": 3})
+    out = unflatten(spec, [torch.zeros(2)])
+    assert out["b"] is None and out["c"] == 3 and torch.equal(out["a"], torch.zeros(2))
