@@ -64,7 +64,8 @@ class CacheStats:
     def summary(self) -> str:
         parts = [f"{self.computed} computed / {self.forecast} forecast"]
         if self.per_basis:
-            parts.append("by " + ", ".join(f"{k} {v}" for k, v in sorted(self.per_basis.items())))
+            parts.append("item-forecasts by basis: "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(self.per_basis.items())))
         if self.fallbacks:
             parts.append("fallbacks " + ", ".join(f"{k} {v}" for k, v in sorted(self.fallbacks.items())))
         return "; ".join(parts)
