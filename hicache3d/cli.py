@@ -1,6 +1,8 @@
 """The ``hicache3d`` command line."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from . import __version__
@@ -55,3 +57,145 @@ def demo(backend: str, interval: int, steps: int) -> None:
     click.echo(f"{backend}, interval {interval}: {n} network calls "
                f"({n_ref - n} skipped), relative drift of the final sample {drift:.2e}")
     click.echo(f"forecasts: {cache.stats.summary()}")
+
+
+def _parse_site_overrides(values):
+    """``shape:interval=3,backend=taylor`` -> {"shape": {"interval": 3, "backend": "taylor"}}."""
+    out = {}
+    for v in values:
+        if ":" not in v or "=" not in v:
+            raise click.BadParameter(f"{v!r}: expected SITE:KEY=VALUE[,KEY=VALUE]", param_hint="--site")
+        site, rest = v.split(":", 1)
+        for kv in rest.split(","):
+            k, _, val = kv.partition("=")
+            k = k.strip().replace("-", "_")
+            val = val.strip()
+            for conv in (int, float):
+                try:
+                    val = conv(val)
+                    break
+                except ValueError:
+                    continue
+            if val in ("true", "false"):
+                val = val == "true"
+            out.setdefault(site.strip(), {})[k] = val
+    return out
+
+
+_BACKENDS = click.Choice(["reuse", "taylor", "hermite", "dmd", "auto"])
+
+
+@main.command("patch")
+@click.option("--model", "model", help="Recipe name (see `hicache3d recipes`).")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+              help="Your own recipe TOML instead of a known model (e.g. the generic adapter).")
+@click.option("--backend", type=_BACKENDS, help="Forecast basis for every site.")
+@click.option("--interval", type=click.IntRange(1, 1000), help="Compute one step in N.")
+@click.option("--first-enhance", type=click.IntRange(0, 1000), help="Warm-up steps always computed.")
+@click.option("--history", type=click.IntRange(1, 64), help="Snapshots kept per site.")
+@click.option("--site", "site_overrides", multiple=True, metavar="SITE:KEY=VALUE",
+              help="Per-site override, e.g. --site shape:interval=3,backend=taylor (repeatable).")
+@click.option("--force", is_flag=True, help="Patch even if the generator is missing or its version is outside the supported range.")
+@click.option("--user", is_flag=True, help="Write into the user site-packages instead of the active environment.")
+def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, site_overrides, force, user):
+    """Accelerate an installed generator in place, for every later Python process.
+
+    Writes a one-line .pth file and a config into the active environment's
+    site-packages; when the generator's module is imported, its sampler is patched.
+    Nothing of the generator's code is edited; `hicache3d unpatch` removes every trace.
+    Set HICACHE3D_DISABLE=1 to run one process unpatched.
+
+    \b
+    Examples:
+      hicache3d patch --model hunyuan3d-2mini --backend dmd --interval 5
+      hicache3d patch --model trellis2 --site shape_slat:interval=4
+      hicache3d patch --recipe my_sampler.toml
+    """
+    from .inplace import InPlaceError, write_patch
+    from .recipe import RecipeError, get_recipe, version_status
+    if bool(model) == bool(recipe_path):
+        raise click.UsageError("give exactly one of --model NAME or --recipe FILE.toml")
+    try:
+        ref = model or str(Path(recipe_path).resolve())
+        recipe = get_recipe(ref)
+        common = {k: v for k, v in dict(backend=backend, interval=interval,
+                                         first_enhance=first_enhance, history=history).items()
+                  if v is not None}
+        sites = _parse_site_overrides(site_overrides)
+        recipe.with_settings(common, sites)              # validates every value
+        version, ok = version_status(recipe)
+        if recipe.package and (version is None or not ok):
+            what = (f"{recipe.package} is not installed" if version is None else
+                    f"{recipe.package} {version} is outside the supported range {recipe.versions}")
+            if not force:
+                raise click.ClickException(f"{what}; install it first, or pass --force")
+            click.echo(f"warning: {what}; patching anyway (--force)", err=True)
+        path = write_patch(recipe, ref, common, sites, force, user)
+    except (RecipeError, InPlaceError, ValueError) as e:
+        raise click.ClickException(str(e))
+    click.echo(f"patched {recipe.name} in place ({path}); every new Python process that "
+               f"imports {recipe.module} runs accelerated")
+
+
+@main.command("unpatch")
+@click.option("--model", "models", multiple=True, help="Model to unpatch (repeatable).")
+@click.option("--all", "all_", is_flag=True, help="Remove every in-place patch.")
+@click.option("--user", is_flag=True, help="The user site-packages instead of the active environment.")
+def unpatch_cmd(models, all_, user):
+    """Undo `hicache3d patch`: remove the config entry and, with the last one, both files."""
+    from .inplace import remove_patch
+    if not models and not all_:
+        raise click.UsageError("give --model NAME or --all")
+    removed, deleted = remove_patch(None if all_ else list(models), user)
+    missing = sorted(set(models) - set(removed))
+    for n in removed:
+        click.echo(f"unpatched {n}")
+    for p in deleted:
+        click.echo(f"removed {p}")
+    if missing:
+        raise click.ClickException(f"not patched: {', '.join(missing)}")
+
+
+@main.command("status")
+@click.option("--user", is_flag=True, help="The user site-packages instead of the active environment.")
+def status_cmd(user):
+    """Show what is patched in place, with which settings, and where the files are."""
+    import os
+
+    from ._bootstrap import PTH_NAME, disabled
+    from .inplace import read_patches
+    try:
+        path, models = read_patches(user)
+    except Exception as e:
+        raise click.ClickException(f"broken config: {e}")
+    if not models:
+        click.echo(f"nothing patched in place ({path.parent})")
+        return
+    pth = path.parent / PTH_NAME
+    click.echo(f"config: {path}")
+    click.echo(f"start-up hook: {pth}{'' if pth.exists() else ' (MISSING: run patch again)'}")
+    if disabled():
+        click.echo("HICACHE3D_DISABLE is set: this process runs unpatched")
+    for name, entry in sorted(models.items()):
+        click.echo(f"- {name} (module {entry['module']}, recipe {entry['recipe']})")
+        click.echo(f"    settings: {entry.get('settings') or 'recipe defaults'}")
+        for site, ov in (entry.get("sites") or {}).items():
+            click.echo(f"    site {site}: {ov}")
+        if entry.get("force"):
+            click.echo("    forced (version check overridden)")
+
+
+@main.command("recipes")
+def recipes_cmd():
+    """List the known models, whether each is installed, and its version vs the supported range."""
+    from .recipe import known_recipes, version_status
+    for name, r in sorted(known_recipes().items()):
+        version, ok = version_status(r)
+        if not r.package:
+            state = "no package check"
+        elif version is None:
+            state = "not installed"
+        else:
+            state = f"{r.package} {version} ({'supported' if ok else 'outside ' + r.versions})"
+        sites = ", ".join(f"{s.name}: {s.config.backend}/{s.config.interval}" for s in r.sites)
+        click.echo(f"{name:18s} {state:40s} sites [{sites}]  {r.description}")

@@ -1,1 +1,18 @@
-"""Adapters that hook one upstream generator family each."""
+"""Adapters: how to hook one family of samplers (the code behind recipes' ``adapter``)."""
+from __future__ import annotations
+
+from typing import Dict, Type
+
+from .base import Adapter
+
+_ADAPTERS: Dict[str, str] = {
+    "generic": "hicache3d.patches.generic:GenericAdapter",
+    "hunyuan3d": "hicache3d.patches.hunyuan3d:Hunyuan3DAdapter",
+}
+
+
+def adapter_class(name: str) -> Type[Adapter]:
+    if name not in _ADAPTERS:
+        raise ValueError(f"unknown adapter {name!r}; known adapters: {', '.join(sorted(_ADAPTERS))}")
+    mod, cls = _ADAPTERS[name].split(":")
+    return getattr(__import__(mod, fromlist=[cls]), cls)

@@ -1,0 +1,63 @@
+"""The generic adapter: a run entry and per-step velocity callables named in a recipe.
+
+A user's own TOML is enough to accelerate any sampler whose velocity comes from one
+method or function per step::
+
+    name = "my-sampler"
+    adapter = "generic"
+    module = "my_pkg.sampling"
+    run = "Sampler.sample"               # one call = one run (state resets)
+    [sites.main]
+    step = "Sampler.velocity"            # returns the (final, CFG-combined) velocity
+    t_arg = "t"                          # name or position of the time argument (optional)
+    backend = "dmd"
+    interval = 4
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from hicache3d.patching import AttributePatch, ClassSwapPatch, Controller, run_wrapper, step_wrapper
+from hicache3d.recipe import RecipeError
+
+from .base import Adapter, resolve, time_getter
+
+
+class GenericAdapter(Adapter):
+    def _steps(self):
+        out = []
+        for site in self.recipe.sites:
+            if not site.step:
+                raise RecipeError(f"recipe {self.recipe.name!r}: site {site.name!r} needs 'step = ...'")
+            owner, name = resolve(self.recipe, site.step)
+            out.append((site, owner, name))
+        return out
+
+    def install_class(self, controller: Controller) -> None:
+        owner, name = self.run_target()
+        patches = [AttributePatch(owner, name, run_wrapper(controller), self.recipe.name)]
+        for site, sowner, sname in self._steps():
+            t_of = time_getter(site.t_arg)
+            patches.append(AttributePatch(sowner, sname, step_wrapper(site.name, t_of), self.recipe.name))
+        for p in patches:
+            if p.apply():
+                controller.patches.append(p)
+
+    def install_object(self, obj: Any, controller: Controller) -> None:
+        self.register_object(obj, controller)
+        owner, name = self.run_target()
+        if self._already_class_patched(owner, name):
+            return
+        wrappers = {name: run_wrapper(None)}
+        for site, sowner, sname in self._steps():
+            t_of = time_getter(site.t_arg)
+            w = step_wrapper(site.name, t_of)
+            if isinstance(sowner, type) and isinstance(obj, sowner):
+                wrappers[sname] = w
+            else:
+                p = AttributePatch(sowner, sname, w, self.recipe.name)
+                if p.apply():
+                    controller.patches.append(p)
+        p = ClassSwapPatch(obj, wrappers, self.recipe.name)
+        if p.apply():
+            controller.patches.append(p)

@@ -1,0 +1,75 @@
+"""Hunyuan3D-2 (``hy3dgen``) and Hunyuan3D-2.1 (``hy3dshape``) shape pipelines.
+
+One run is one call of ``Hunyuan3DDiTFlowMatchingPipeline.__call__``.  Each Euler step
+calls ``self.model(latents_in, timestep, cond, guidance=...)`` once, on the CFG batch
+``[cond; uncond]`` (``[2B, L, 64]``), or on ``[B, L, 64]`` for guidance-distilled "turbo"
+models; the pipeline combines CFG after the call.  The adapter forecasts that model output
+(both halves of the CFG batch, each fitted on its own), so a skipped step saves the whole
+batched forward.
+
+The schedule's sigmas end with a repeated 1.0, so the last step has ``dt = 0``: its
+network call cannot change the result.  The adapter skips it (returns zeros, which the
+pipeline multiplies by ``dt = 0``) and reports it as ``wasted_steps_skipped``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hicache3d.patching import (AttributePatch, ClassSwapPatch, Controller, Run, current_run,
+                                run_wrapper)
+
+from .base import Adapter
+
+SITE = "shape"
+
+
+def _model_step_wrapper(model: Any):
+    def wrapper(wrapped, _instance, args, kwargs):
+        run = current_run(SITE)
+        if run is None or getattr(run.instance, "model", None) is not model:
+            return wrapped(*args, **kwargs)
+        cache = run.caches[SITE]
+        sigmas = getattr(getattr(run.instance, "scheduler", None), "sigmas", None)
+        i = cache.step_index
+        last = run.scratch.get("last")
+        if (last is not None and isinstance(sigmas, torch.Tensor) and sigmas.dim() == 1
+                and i == len(sigmas) - 2 and float(sigmas[i + 1]) == float(sigmas[i])):
+            run.extra["wasted_steps_skipped"] += 1
+            cache.step_index += 1
+            return torch.zeros_like(last)
+        t = args[1] if len(args) > 1 else kwargs.get("t", kwargs.get("timestep", 0.0))
+        out = cache.step(t, lambda: wrapped(*args, **kwargs))
+        run.scratch["last"] = out
+        return out
+    return wrapper
+
+
+class Hunyuan3DAdapter(Adapter):
+    def _on_open(self, controller: Controller):
+        def on_open(run: Run) -> None:
+            model = getattr(run.instance, "model", None)
+            if model is None:
+                return
+            p = AttributePatch(model, "forward", _model_step_wrapper(model), self.recipe.name)
+            if p.apply():
+                controller.patches.append(p)
+        return on_open
+
+    def install_class(self, controller: Controller) -> None:
+        owner, name = self.run_target()
+        p = AttributePatch(owner, name, run_wrapper(controller, on_open=self._on_open(controller)),
+                           self.recipe.name)
+        if p.apply():
+            controller.patches.append(p)
+
+    def install_object(self, obj: Any, controller: Controller) -> None:
+        self.register_object(obj, controller)
+        owner, name = self.run_target()
+        if self._already_class_patched(owner, name):
+            return
+        p = ClassSwapPatch(obj, {name: run_wrapper(None, on_open=self._on_open(controller))},
+                           self.recipe.name)
+        if p.apply():
+            controller.patches.append(p)

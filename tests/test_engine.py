@@ -1,0 +1,269 @@
+"""The patch engine on a toy sampler: accelerate/enable/disable, generic recipes, exact
+restore, thread isolation, failing runs, and in-place patching in a fresh interpreter."""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import hicache3d
+from hicache3d.recipe import RecipeError, get_recipe, load_recipe, version_in_range
+
+TOY = textwrap.dedent('''
+    import torch
+
+    class ToySampler:
+        """Euler sampler: `sample` is one run, `velocity` is the per-step network call."""
+        def __init__(self, dim=32, seed=0):
+            g = torch.Generator().manual_seed(seed)
+            self.W = torch.randn(dim, dim, generator=g) / 6
+            self.calls = 0
+
+        def velocity(self, x, t):
+            self.calls += 1
+            if getattr(self, "fail_at", None) == self.calls:
+                raise RuntimeError("network failed")
+            return torch.tanh(x @ self.W) * (1 + t)
+
+        def sample(self, x, steps=12):
+            ts = torch.linspace(1, 0, steps + 1)
+            for i in range(steps):
+                v = self.velocity(x, float(ts[i]))
+                x = x - (ts[i] - ts[i + 1]) * v
+            return x
+''')
+
+RECIPE = textwrap.dedent('''
+    name = "toy"
+    adapter = "generic"
+    module = "toy_sampler_mod"
+    run = "ToySampler.sample"
+
+    [sites.main]
+    step = "ToySampler.velocity"
+    t_arg = 1
+    backend = "dmd"
+    interval = 3
+    first_enhance = 3
+''')
+
+
+@pytest.fixture()
+def toy(tmp_path, monkeypatch):
+    (tmp_path / "toy_sampler_mod.py").write_text(TOY)
+    (tmp_path / "toy.toml").write_text(RECIPE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("toy_sampler_mod", None)
+    import toy_sampler_mod
+    yield toy_sampler_mod, tmp_path / "toy.toml"
+    sys.modules.pop("toy_sampler_mod", None)
+
+
+def x0():
+    return torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_accelerate_counts_calls_and_restores_exactly(toy):
+    mod, recipe = toy
+    s = mod.ToySampler()
+    ref = s.sample(x0())
+    cls_dict = dict(vars(mod.ToySampler))
+    with hicache3d.accelerate(s, str(recipe)) as run:
+        s.calls = 0
+        out = s.sample(x0())
+        assert s.calls == 6
+        assert type(s) is not mod.ToySampler
+    assert type(s) is mod.ToySampler and dict(vars(mod.ToySampler)) == cls_dict
+    st = run.stats
+    assert st["network_calls"] == 6 and st["skipped_calls"] == 6
+    assert st["sites"]["main"]["per_basis"] == {"dmd": 12}          # 2 batch items x 6
+    assert float((out - ref).norm() / ref.norm()) < 0.05
+    s.calls = 0
+    assert torch.equal(s.sample(x0()), ref) and s.calls == 12        # bit-identical after
+
+
+def test_interval_one_bit_identical(toy):
+    mod, recipe = toy
+    s = mod.ToySampler()
+    ref = s.sample(x0())
+    with hicache3d.accelerate(s, str(recipe), interval=1):
+        assert torch.equal(s.sample(x0()), ref)
+
+
+def test_enable_twice_is_a_noop_and_other_objects_untouched(toy):
+    mod, recipe = toy
+    a, b = mod.ToySampler(), mod.ToySampler()
+    hicache3d.enable(a, str(recipe))
+    hicache3d.enable(a, str(recipe))
+    a.calls = b.calls = 0
+    a.sample(x0())
+    b.sample(x0())
+    assert a.calls == 6 and b.calls == 12
+    hicache3d.disable(a)
+    assert type(a) is mod.ToySampler
+    assert hicache3d.disable(a) is None
+
+
+def test_per_site_overrides_and_bad_values(toy):
+    mod, recipe = toy
+    s = mod.ToySampler()
+    with hicache3d.accelerate(s, str(recipe), sites={"main": {"interval": 4}}) as run:
+        s.calls = 0
+        s.sample(x0())
+    assert s.calls == 5                                   # 0,1,2 + 6 + 10
+    with pytest.raises(RecipeError, match="interval"):
+        hicache3d.enable(s, str(recipe), interval=0)
+    with pytest.raises(RecipeError, match="no site"):
+        hicache3d.enable(s, str(recipe), sites={"nope": {"interval": 2}})
+    assert type(s) is mod.ToySampler
+
+
+def test_two_threads_two_settings_do_not_interfere(toy):
+    mod, recipe = toy
+    a, b = mod.ToySampler(), mod.ToySampler()
+    res = {}
+
+    def go(s, name, interval):
+        with hicache3d.accelerate(s, str(recipe), interval=interval) as run:
+            for _ in range(5):
+                s.calls = 0
+                s.sample(x0())
+                res.setdefault(name, []).append(s.calls)
+
+    ts = [threading.Thread(target=go, args=(a, "a", 2)), threading.Thread(target=go, args=(b, "b", 4))]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert res["a"] == [7] * 5 and res["b"] == [5] * 5
+
+
+def test_a_failing_run_leaves_no_stale_state(toy):
+    mod, recipe = toy
+    s = mod.ToySampler()
+    ref = s.sample(x0())
+    with hicache3d.accelerate(s, str(recipe)) as run:
+        s.fail_at, s.calls = 4, 0
+        with pytest.raises(RuntimeError, match="network failed"):
+            s.sample(x0())
+        s.fail_at, s.calls = None, 0
+        out = s.sample(x0())
+        assert s.calls == 6
+        assert hicache3d.patching.current_run() is None
+    assert run.runs[0].failed and not run.runs[1].failed
+    assert run.runs[1].sites["main"].computed == 6
+    assert float((out - ref).norm() / ref.norm()) < 0.05
+
+
+def test_velocity_outside_a_run_is_untouched(toy):
+    mod, recipe = toy
+    s = mod.ToySampler()
+    with hicache3d.accelerate(s, str(recipe)):
+        s.calls = 0
+        for _ in range(4):
+            s.velocity(x0(), 0.5)
+        assert s.calls == 4
+
+
+def test_unknown_model_lists_known_recipes():
+    with pytest.raises(RecipeError, match="known recipes: .*hunyuan3d-2mini"):
+        get_recipe("nope")
+
+
+def test_recipe_errors_are_clear(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('name = "x"\nadapter = "generic"\n')
+    with pytest.raises(RecipeError, match="module"):
+        load_recipe(p)
+    p.write_text('name = "x"\nadapter = "generic"\nmodule = "m"\n[sites.a]\ninterval = "fast"\n')
+    with pytest.raises(RecipeError, match="interval"):
+        load_recipe(p)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.toml")
+
+
+def test_version_ranges():
+    assert version_in_range("2.0.2", ">=2.0.2,<2.1")
+    assert not version_in_range("2.1.0", ">=2.0.2,<2.1")
+    assert version_in_range("0.1.30", "==0.1.30")
+
+
+# ---------------------------------------------------------------- in place, fresh processes
+@pytest.fixture()
+def venv(tmp_path):
+    """A throw-away environment that sees the installed packages (so `patch` writes into
+    its own site-packages, never into the test runner's)."""
+    d = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(d)], check=True)
+    py = d / "bin" / "python"
+    inner = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    import site
+    outer = [p for p in site.getsitepackages() if Path(p).exists()]
+    # processed before hicache3d's own .pth (alphabetical): the runner's packages
+    (Path(inner) / "00outer.pth").write_text(
+        "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in outer) + "\n")
+    return py
+
+
+def run_py(py, code, env=None, cwd=None):
+    e = {k: v for k, v in os.environ.items() if k != "HICACHE3D_DISABLE"}
+    e.update(env or {})
+    return subprocess.run([str(py), "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=e, cwd=cwd, timeout=300)
+
+
+CHILD = '''
+    import sys, torch
+    sys.path.insert(0, {src!r})
+    import toy_sampler_mod as m
+    s = m.ToySampler()
+    out = s.sample(torch.randn(2, 32, generator=torch.Generator().manual_seed(1)))
+    print("CALLS", s.calls, "SUM", float(out.double().sum()))
+'''
+
+
+def test_patch_in_place_then_unpatch_exactly(toy, venv):
+    mod, recipe = toy
+    src = str(recipe.parent)
+    child = CHILD.format(src=src)
+    base = run_py(venv, child)
+    assert "CALLS 12" in base.stdout, base.stderr
+    r = run_py(venv, f"import sys; from hicache3d.cli import main; sys.argv=['hicache3d','patch','--recipe',{str(recipe)!r},'--interval','4']; main()")
+    assert r.returncode == 0, r.stderr
+    patched = run_py(venv, child)
+    assert "CALLS 5" in patched.stdout, patched.stderr + patched.stdout
+    # imported before hicache3d, hook still applies; HICACHE3D_DISABLE turns it off
+    off = run_py(venv, child, env={"HICACHE3D_DISABLE": "1"})
+    assert "CALLS 12" in off.stdout
+    st = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','status']; main()")
+    assert "toy" in st.stdout and "interval" in st.stdout
+    r = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','unpatch','--all']; main()")
+    assert r.returncode == 0, r.stderr
+    after = run_py(venv, child)
+    assert after.stdout == base.stdout                            # bit-identical to never patched
+    site = Path(run_py(venv, "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
+    assert not list(site.glob("hicache3d_inplace*"))
+
+
+def test_broken_config_never_breaks_the_interpreter(toy, venv):
+    mod, recipe = toy
+    site = Path(run_py(venv, "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
+    (site / "hicache3d_inplace.pth").write_text(
+        "import importlib.util as _h3; _h3.find_spec('hicache3d') and __import__('hicache3d._bootstrap').__dict__; del _h3\n")
+    (site / "hicache3d_inplace.json").write_text("{ this is not json")
+    r = run_py(venv, CHILD.format(src=str(recipe.parent)))
+    assert r.returncode == 0 and "CALLS 12" in r.stdout
+    assert r.stderr.count("hicache3d:") == 1 and "running unpatched" in r.stderr
+    (site / "hicache3d_inplace.json").write_text('{"models": {"toy": {"recipe": "nope", "module": "toy_sampler_mod"}}}')
+    r = run_py(venv, CHILD.format(src=str(recipe.parent)))
+    assert r.returncode == 0 and "CALLS 12" in r.stdout and "unknown model" in r.stderr
+
+
+def test_patch_refuses_unknown_model_and_missing_package(venv):
+    r = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','patch','--model','nope']; main()")
+    assert r.returncode != 0 and "known recipes" in r.stderr
+    r = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','patch','--model','hunyuan3d-2.1']; main()")
+    assert r.returncode != 0 and "not installed" in r.stderr and "--force" in r.stderr
