@@ -92,13 +92,18 @@ def _specs() -> dict[str, list[str]]:
         "trellis": [
             "trellis-3d-ms==0.1.0",
             "easydict==1.14",
+            # SparseTensor is a wrapper around spconv.pytorch.SparseConvTensor; the plain
+            # ``spconv`` wheel is the CPU build.  The rest is what ``import spconv`` pulls in.
             "spconv==2.3.8",
             "cumm==0.7.11",
             "pccm==0.4.16",
             "ccimport==0.4.4",
-            "pybind11==3.0.1",
+            "pybind11==3.1.0",
             "fire==0.7.1",
-            "termcolor==3.2.0",
+            "termcolor==3.3.0",
+            "lark==1.3.1",
+            "portalocker==4.4.2",
+            "ninja==1.13.2",
         ],
         # TRELLIS.2, vendored by trellis-3d-python under the import name ``trellis``.
         "trellis2": [
