@@ -108,7 +108,7 @@ def _specs() -> dict[str, list[str]]:
         # TRELLIS.2, vendored by trellis-3d-python under the import name ``trellis``.
         "trellis2": [
             "trellis-3d-python==0.1.30",
-            "easydict==1.14",
+            "easydict==1.14",  # the samplers return EasyDicts
         ],
         # SAM 3D Objects, vendored by sam3d under sam3d/third_party/meta.
         "sam3d": [

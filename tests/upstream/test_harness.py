@@ -168,3 +168,71 @@ def test_trellis_v1_samplers_end_to_end():
     assert res["interval-slat-2"]["batch"] == 2
     assert res["cfg-ss-2"]["first_call"][0] == [2, 8, 16, 16, 16]
     assert res["det"] == 0.0
+
+
+# --------------------------------------------------------------------------- TRELLIS.2
+
+
+def test_trellis2_three_sites_end_to_end():
+    res = run_py("""
+        from tests.upstream import trellis2_env as T
+        T.activate()
+        import trellis.pipelines.samplers.flow_euler as fe
+        P = T.PIPELINE_DEFAULTS
+        s = T.make_sampler("interval")
+        out = {"module": fe.__file__, "has_pred_to_xstart": hasattr(s, "_pred_to_xstart")}
+        ss, sh, tx = T.build_ss_flow(0), T.build_shape_flow(0), T.build_tex_flow(0)
+        with T.count_calls(ss) as c:
+            r = T.sample_ss(s, ss, steps=8)
+        out["ss"] = dict(n=c.n, expected=T.expected_calls("interval", 8, 5.0, 7.5, (0.6, 1.0)),
+                         shape=list(r.samples.shape), finite=bool(torch.isfinite(r.samples).all()),
+                         absmean=float(r.samples.abs().mean()))
+        with T.count_calls(sh) as c:
+            r = T.sample_shape(s, sh, batch=2, steps=12)
+        shape_slat = r.samples
+        out["shape"] = dict(n=c.n, expected=T.expected_calls("interval", 12, 3.0, 7.5, (0.6, 1.0)),
+                            feats=list(shape_slat.feats.shape), batch=int(shape_slat.shape[0]),
+                            finite=bool(torch.isfinite(shape_slat.feats).all()),
+                            absmean=float(shape_slat.feats.abs().mean()))
+        with T.count_calls(tx) as c:
+            r = T.sample_tex(s, tx, shape_slat, steps=12)
+        out["tex"] = dict(n=c.n, expected=12, feats=list(r.samples.feats.shape),
+                          same_coords=bool(torch.equal(r.samples.coords, shape_slat.coords)),
+                          finite=bool(torch.isfinite(r.samples.feats).all()), absmean=float(r.samples.feats.abs().mean()))
+        with T.count_calls(sh) as c:
+            T.sample_shape(T.make_sampler("cfg"), sh, steps=4)
+        out["cfg_calls"] = c.n
+        a = T.sample_shape(s, T.build_shape_flow(4), steps=3).samples.feats
+        b = T.sample_shape(s, T.build_shape_flow(4), steps=3).samples.feats
+        out["det"] = float((a - b).abs().max())
+        emit(**out)
+    """)
+    assert "/.upstream/trellis2/trellis/pipelines/samplers/flow_euler.py" in res["module"].replace("\\\\", "/")
+    assert res["has_pred_to_xstart"]
+    for key in ("ss", "shape", "tex"):
+        r = res[key]
+        assert r["n"] == r["expected"], (key, r)
+        assert r["finite"] and r["absmean"] > 0, key
+    assert res["ss"]["shape"] == [1, 8, 16, 16, 16]
+    assert res["ss"]["n"] == 15  # 7 of 8 steps inside [0.6, 1] with rescale_t 5
+    assert res["shape"]["batch"] == 2 and res["shape"]["feats"][1] == 32
+    assert res["tex"]["feats"] == res["shape"]["feats"] and res["tex"]["same_coords"]
+    assert res["cfg_calls"] == 8
+    assert res["det"] == 0.0
+
+
+@pytest.mark.parametrize("first,second", [("trellis_env", "trellis2_env"), ("trellis2_env", "trellis_env")])
+def test_trellis_families_refuse_to_share_a_process(first, second):
+    res = run_py(f"""
+        from tests.upstream import {first} as A, {second} as B
+        A.activate()
+        A.activate()  # idempotent
+        try:
+            B.activate()
+        except RuntimeError as e:
+            emit(raised=True, msg=str(e))
+        else:
+            emit(raised=False, msg="")
+    """)
+    assert res["raised"], res
+    assert "can never share one process" in res["msg"]
