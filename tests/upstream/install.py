@@ -64,6 +64,19 @@ _REQUESTS = [
     "charset-normalizer==3.5.2",
     "certifi==2026.10.19.post1",
 ]
+# The plain ``spconv`` wheel is the CPU build; the rest is what ``import spconv`` pulls in.
+_SPCONV = [
+    "spconv==2.3.8",
+    "cumm==0.7.11",
+    "pccm==0.4.16",
+    "ccimport==0.4.4",
+    "pybind11==3.1.0",
+    "fire==0.7.1",
+    "termcolor==3.3.0",
+    "lark==1.3.1",
+    "portalocker==4.4.2",
+    "ninja==1.13.2",
+]
 _TRANSFORMERS = [
     "transformers==5.24.0",
     # transformers 5 fails at import time without tokenizers installed.
@@ -92,18 +105,8 @@ def _specs() -> dict[str, list[str]]:
         "trellis": [
             "trellis-3d-ms==0.1.0",
             "easydict==1.14",
-            # SparseTensor is a wrapper around spconv.pytorch.SparseConvTensor; the plain
-            # ``spconv`` wheel is the CPU build.  The rest is what ``import spconv`` pulls in.
-            "spconv==2.3.8",
-            "cumm==0.7.11",
-            "pccm==0.4.16",
-            "ccimport==0.4.4",
-            "pybind11==3.1.0",
-            "fire==0.7.1",
-            "termcolor==3.3.0",
-            "lark==1.3.1",
-            "portalocker==4.4.2",
-            "ninja==1.13.2",
+            # SparseTensor is a wrapper around spconv.pytorch.SparseConvTensor.
+            *_SPCONV,
         ],
         # TRELLIS.2, vendored by trellis-3d-python under the import name ``trellis``.
         "trellis2": [
@@ -113,9 +116,12 @@ def _specs() -> dict[str, list[str]]:
         # SAM 3D Objects, vendored by sam3d under sam3d/third_party/meta.
         "sam3d": [
             "sam3d==0.1.2",
-            "optree==0.20.0",
-            "astor==0.8.1",
+            "optree==0.20.0",  # pytree maps over the dict latents
+            "astor==0.8.1",  # imported by sam3d_objects.data.utils
             "loguru==0.7.3",
+            "omegaconf==2.3.0",  # imported by the multi-modal sparse-structure flow
+            "antlr4-python3-runtime==4.9.3",
+            *_SPCONV,  # the structured-latent stage uses spconv SparseTensors and convs
         ],
     }
 

@@ -236,3 +236,50 @@ def test_trellis_families_refuse_to_share_a_process(first, second):
     """)
     assert res["raised"], res
     assert "can never share one process" in res["msg"]
+
+
+# --------------------------------------------------------------------------- SAM 3D Objects
+
+
+def test_sam3d_generators_end_to_end():
+    res = run_py("""
+        from tests.upstream import sam3d_env as S
+        S.activate()
+        import sam3d_objects.model.backbone.generator.flow_matching.solver as solver_mod
+        out = {"module": solver_mod.__file__}
+        g = S.build_ss_generator(0)
+        out["ss_types"] = [type(g).__name__, type(g._solver).__name__, type(g.reverse_fn).__name__,
+                           type(g.reverse_fn.backbone).__name__]
+        with S.count_calls(g.reverse_fn.backbone) as c:
+            x = S.generate_ss(g, steps=8)
+        out["ss"] = dict(n=c.n, expected=S.expected_calls(8, 3, (0, 500)),
+                         shapes={k: list(v.shape) for k, v in x.items()},
+                         finite=all(bool(torch.isfinite(v).all()) for v in x.values()),
+                         nonzero=all(float(v.abs().mean()) > 0 for v in x.values()))
+        x2 = S.generate_ss(g, steps=8)
+        out["ss_det"] = max(float((x[k] - x2[k]).abs().max()) for k in x)
+        sg = S.build_slat_generator(0)
+        coords = S.make_coords(0)
+        with S.count_calls(sg.reverse_fn.backbone) as c:
+            y = S.generate_slat(sg, coords, steps=12)
+        out["slat"] = dict(n=c.n, expected=S.expected_calls(12, 3, (0, 500)), shape=list(y.shape), n_coords=len(coords),
+                           finite=bool(torch.isfinite(y).all()), absmean=float(y.abs().mean()))
+        with S.count_calls(sg.reverse_fn.backbone) as c:
+            z = S.solve(sg, torch.zeros(1, len(coords), 8), S.make_cond(), coords, steps=4)
+        out["solve"] = dict(n=c.n, shape=list(z.shape))
+        emit(**out)
+    """)
+    assert "/.upstream/sam3d/sam3d/third_party/meta/sam3d_objects/" in res["module"].replace("\\\\", "/")
+    assert res["ss_types"] == ["ShortCut", "Euler", "ClassifierFreeGuidance", "SparseStructureFlowTdfyWrapper"]
+    ss = res["ss"]
+    assert ss["n"] == ss["expected"] == 15  # CFG (2 forwards) on the 7 steps with 1000 t <= 500
+    assert ss["shapes"] == {"shape": [1, 4096, 8], "6drotation_normalized": [1, 1, 6], "scale": [1, 1, 3],
+                            "translation": [1, 1, 3], "translation_scale": [1, 1, 1]}
+    assert ss["finite"] and ss["nonzero"]
+    assert res["ss_det"] == 0.0
+    sl = res["slat"]
+    assert sl["n"] == sl["expected"]
+    assert sl["shape"] == [1, sl["n_coords"], 8]
+    assert sl["finite"] and sl["absmean"] > 0
+    # 4 steps, rescale_t 3: t = 0, 0.1, 0.25, 0.5, all with 1000 t <= 500 -> CFG everywhere
+    assert res["solve"]["shape"] == [1, sl["n_coords"], 8] and res["solve"]["n"] == 8
