@@ -1,0 +1,130 @@
+"""Helpers shared by the per-family environment modules."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import install
+
+
+def prepend_sys_path(path: Path) -> None:
+    p = str(path)
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+def reject_modules(family: str, prefixes_and_owners: dict) -> None:
+    """Raise if a module of an incompatible family is already imported.
+
+    ``prefixes_and_owners`` maps a top-level module name to a predicate on the
+    imported module that is true when it belongs to the *other* family.
+    """
+    for mod_name, other in prefixes_and_owners.items():
+        mod = sys.modules.get(mod_name)
+        if mod is not None and other(mod):
+            raise RuntimeError(
+                f"cannot activate {family}: module {mod_name!r} from a different upstream family is already "
+                f"imported in this process ({_where(mod)}). TRELLIS v1 and TRELLIS.2 are both importable "
+                f"as 'trellis' and can never share one process; run each in its own subprocess."
+            )
+
+
+def _where(mod) -> str:
+    path = getattr(mod, "__path__", None)
+    if path:
+        return list(path)[0]
+    return getattr(mod, "__file__", None) or "?"
+
+
+def set_env_defaults(values: dict) -> None:
+    for key, value in values.items():
+        os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def count_calls(module: torch.nn.Module):
+    """Count calls of ``module`` (a forward pre-hook); yields a counter object.
+
+    ``counter.n`` is the number of forward calls so far; ``counter.calls`` keeps,
+    per call, the positional-argument shapes (tensors) or types (anything else).
+    """
+
+    class Counter:
+        def __init__(self):
+            self.n = 0
+            self.calls = []
+
+        def __repr__(self):
+            return f"Counter(n={self.n})"
+
+    counter = Counter()
+
+    def hook(_mod, args, kwargs):
+        counter.n += 1
+        counter.calls.append(tuple(
+            tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args
+        ))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def rerandomize_zero_params(module: torch.nn.Module, generator: torch.Generator, std: float = 0.02) -> int:
+    """Refill every parameter that is exactly all-zero with small random values.
+
+    Upstream ``initialize_weights()`` methods zero the output projections and the
+    adaLN modulation layers (a trained-from-scratch convention), which makes a
+    freshly built network return exactly 0.  Weights get N(0, std^2) scaled for
+    fan-in; biases get N(0, std^2).  Returns the number of tensors refilled.
+    """
+    n = 0
+    for name, p in module.named_parameters():
+        if p.numel() and not torch.any(p != 0):
+            if p.dim() >= 2:
+                fan_in = p[0].numel()
+                s = 1.0 / math.sqrt(max(fan_in, 1))
+            else:
+                s = std
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * s)
+            n += 1
+    return n
+
+
+@torch.no_grad()
+def randomize_all_params(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Re-draw every parameter from a seeded generator (deterministic whatever the global RNG).
+
+    Weights (dim >= 2): N(0, 1/fan_in); 1-D tensors named like norm scales stay
+    near 1, other 1-D tensors (biases) get N(0, 0.02^2).
+    """
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(max(fan_in, 1)))
+        elif _looks_like_scale(name):
+            p.copy_(1.0 + 0.05 * torch.randn(p.shape, generator=generator))
+        else:
+            p.copy_(0.02 * torch.randn(p.shape, generator=generator))
+
+
+def _looks_like_scale(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("scale", "gamma", "lambda1", "layer_scale", "lambda_"):
+        return True
+    if leaf == "weight" and any(t in name for t in ("norm", "ln_", "layernorm", "LayerNorm")):
+        return True
+    return False
+
+
+def ensure_installed(name: str) -> Path:
+    return install.ensure(name)
