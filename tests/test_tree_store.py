@@ -192,3 +192,13 @@ def test_unflatten_rebuilds_constants():
     leaves, spec = flatten({"a": torch.ones(2), "b": None, "c": 3})
     out = unflatten(spec, [torch.zeros(2)])
     assert out["b"] is None and out["c"] == 3 and torch.equal(out["a"], torch.zeros(2))
+
+
+def test_implausible_forecast_falls_back():
+    """A fit that extrapolates far beyond every snapshot is rejected (Gram-space check)."""
+    fc = make_forecaster("taylor", history=4, order=3)
+    for t, v in enumerate((0.0, 1.0, -1.0, 1.0)):
+        fc.push(t, torch.full((1, 4), v, dtype=torch.float64))
+    out = fc.predict(10.0)
+    assert fc.stats.fallbacks["taylor:implausible_forecast"] == 1
+    assert float(out.abs().max()) <= 4.0

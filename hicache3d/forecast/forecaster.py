@@ -24,6 +24,7 @@ __all__ = ["BACKENDS", "BasisSpec", "Forecaster", "ForecastStats", "make_forecas
 BACKENDS = ("reuse", "taylor", "hermite", "dmd", "auto")
 _BASES = ("reuse", "taylor", "hermite", "dmd")
 _MAX_WEIGHT_L1 = 1e6     # weights beyond this are numerically meaningless
+_MAX_NORM_RATIO = 4.0    # a forecast this many times larger than every snapshot is a misfit
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,13 @@ class Forecaster:
             w = _damp(fit.weights(tq), spec.damping)
         if not np.all(np.isfinite(w)) or np.abs(w).sum() > _MAX_WEIGHT_L1:
             raise FitError("nonfinite_weights")
+        if spec.name != "reuse":
+            # plausibility in Gram space (no pass over the data): |sum w_j V_j|^2 = w^T G w
+            _, G = self._window()
+            m = len(w)
+            Gi = G[item, :m, :m]
+            if float(w @ Gi @ w) > _MAX_NORM_RATIO ** 2 * float(np.max(np.diag(Gi))):
+                raise FitError("implausible_forecast")
         return w
 
     def _ranked_candidates(self, item: int) -> List[BasisSpec]:
