@@ -1,0 +1,1 @@
+"""Run the real upstream 3D-generator samplers on CPU with tiny random-weight models (see README.md)."""

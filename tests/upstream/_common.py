@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -40,11 +39,6 @@ def _where(mod) -> str:
     if path:
         return list(path)[0]
     return getattr(mod, "__file__", None) or "?"
-
-
-def set_env_defaults(values: dict) -> None:
-    for key, value in values.items():
-        os.environ.setdefault(key, value)
 
 
 @contextlib.contextmanager
@@ -98,32 +92,6 @@ def rerandomize_zero_params(module: torch.nn.Module, generator: torch.Generator,
             p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * s)
             n += 1
     return n
-
-
-@torch.no_grad()
-def randomize_all_params(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Re-draw every parameter from a seeded generator (deterministic whatever the global RNG).
-
-    Weights (dim >= 2): N(0, 1/fan_in); 1-D tensors named like norm scales stay
-    near 1, other 1-D tensors (biases) get N(0, 0.02^2).
-    """
-    for name, p in module.named_parameters():
-        if p.dim() >= 2:
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(max(fan_in, 1)))
-        elif _looks_like_scale(name):
-            p.copy_(1.0 + 0.05 * torch.randn(p.shape, generator=generator))
-        else:
-            p.copy_(0.02 * torch.randn(p.shape, generator=generator))
-
-
-def _looks_like_scale(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf in ("scale", "gamma", "lambda1", "layer_scale", "lambda_"):
-        return True
-    if leaf == "weight" and any(t in name for t in ("norm", "ln_", "layernorm", "LayerNorm")):
-        return True
-    return False
 
 
 def ensure_installed(name: str) -> Path:

@@ -246,7 +246,9 @@ def _fail(name: str, reqs: list[str], scratch: Path, proc: subprocess.CompletedP
                 break
         finally:
             shutil.rmtree(one, ignore_errors=True)
-    tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+    lines = proc.stdout.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("ERROR")]
+    tail = "\n".join(errors or lines[-15:])
     which = f"package {culprit!r}" if culprit else f"one of {reqs}"
     raise UpstreamInstallError(
         f"installing upstream family {name!r} failed at {which}.\n"

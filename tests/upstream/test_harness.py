@@ -4,21 +4,24 @@ Every check runs in a fresh interpreter (``subprocess``): the families install
 conflicting top-level packages (TRELLIS v1 and TRELLIS.2 are both ``trellis``) and
 register process-wide stand-ins, so nothing of them may leak into the pytest process.
 Missing installs are done on first use (``python -m tests.upstream.install all``
-beforehand keeps these tests fast).
+beforehand keeps these tests fast); ``HICACHE3D_SKIP_UPSTREAM=1`` skips them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(os.environ.get("HICACHE3D_SKIP_UPSTREAM") == "1",
+                                reason="HICACHE3D_SKIP_UPSTREAM=1")
 
 PRELUDE = f"""
 import json, sys, time, math
@@ -52,21 +55,17 @@ def test_install_is_idempotent_and_fast_when_stamped():
         t = time.perf_counter(); p = install.ensure("hy3dgen"); first = time.perf_counter() - t
         t = time.perf_counter(); p2 = install.ensure("hy3dgen"); second = time.perf_counter() - t
         stamp = json.loads((p / install.STAMP_NAME).read_text())
-        emit(same=str(p) == str(p2), second=second, reqs=stamp["requirements"], ok=install.is_installed("hy3dgen"))
+        try:
+            install.ensure("nope")
+            msg = ""
+        except ValueError as e:
+            msg = str(e)
+        emit(same=str(p) == str(p2), second=second, reqs=stamp["requirements"], ok=install.is_installed("hy3dgen"),
+             msg=msg)
     """, timeout=900)
     assert res["same"] and res["ok"]
     assert res["second"] < 0.5
     assert "hy3dgen==2.0.2" in res["reqs"]
-
-
-def test_install_rejects_unknown_name():
-    res = run_py("""
-        from tests.upstream import install
-        try:
-            install.ensure("nope")
-        except ValueError as e:
-            emit(msg=str(e))
-    """)
     assert "unknown upstream family" in res["msg"]
 
 
@@ -100,30 +99,24 @@ def test_hy3dgen_pipeline_cfg_end_to_end(tmp_path):
     assert res["verts"] > 0 and res["faces"] > 0
 
 
-def test_hy3dgen_turbo_has_no_cfg_doubling(tmp_path):
-    res = run_py(f"""
-        from tests.upstream import hy3dgen_env as H
-        pipe = H.build_pipeline({str(tmp_path)!r}, turbo=True, seed=3)
-        with H.count_calls(pipe.model) as c:
-            lat = H.run(pipe, steps=4, output_type="latent")
-        emit(n=c.n, shapes=c.calls[0][0], guidance_embed=pipe.model.guidance_embed,
-             finite=bool(torch.isfinite(lat).all()), absmean=float(lat.abs().mean()))
-    """)
-    assert res["guidance_embed"] is True
-    assert res["n"] == 4 and res["shapes"] == [1, 16, 64]
-    assert res["finite"] and res["absmean"] > 0
-
-
-def test_hy3dgen_weights_are_deterministic_across_processes(tmp_path):
+def test_hy3dgen_turbo_no_cfg_doubling_and_deterministic_across_processes(tmp_path):
     code = """
         from tests.upstream import hy3dgen_env as H
+        turbo = H.build_pipeline({d!r}, turbo=True, seed=3)
+        with H.count_calls(turbo.model) as c:
+            lat_t = H.run(turbo, steps=4, output_type="latent")
         pipe = H.build_pipeline({d!r}, seed=7)
         lat = H.run(pipe, steps=3, seed=2, output_type="latent")
-        emit(v=[float(x) for x in lat.flatten()[:16]])
+        emit(n=c.n, shapes=c.calls[0][0], guidance_embed=turbo.model.guidance_embed,
+             finite=bool(torch.isfinite(lat_t).all()), absmean=float(lat_t.abs().mean()),
+             v=[float(x) for x in lat.flatten()[:16]], vt=[float(x) for x in lat_t.flatten()[:16]])
     """
     a = run_py(code.format(d=str(tmp_path / "a")))
     b = run_py(code.format(d=str(tmp_path / "b")))
-    assert a["v"] == b["v"]
+    assert a["guidance_embed"] is True
+    assert a["n"] == 4 and a["shapes"] == [1, 16, 64]  # guidance-distilled: one un-doubled call per step
+    assert a["finite"] and a["absmean"] > 0
+    assert a["v"] == b["v"] and a["vt"] == b["vt"]
 
 
 # --------------------------------------------------------------------------- TRELLIS v1
