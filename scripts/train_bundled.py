@@ -4,7 +4,7 @@
 Reproduces the shipped weights (``hicache3d/bundled/weights/``) with the
 defaults, e.g.::
 
-    nice python scripts/train_bundled.py --seed 0 --steps 2400 \
+    nice python scripts/train_bundled.py --seed 0 --steps 3000 \
         --out hicache3d/bundled/weights/bundled_occ32.safetensors
 
 Recipe: ``--num-train`` training shapes (split ``train``, indices
@@ -67,7 +67,7 @@ def build_dataset(n: int, cache: str | None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock cap including data generation")
     ap.add_argument("--out", default=str(DEFAULT_WEIGHTS))
     ap.add_argument("--num-train", type=int, default=6000)

@@ -42,8 +42,11 @@ def test_uncached_quality(uncached):
 
 def test_image_matters(setup, uncached):
     gen, occ, cond = setup
-    # each shape generated from the image of another shape
-    shuffled = evaluate(gen, occ, torch.roll(cond, 1, dims=0), seed=0, batch=N_SHAPES, steps=25)
-    print(f"\nshuffled images: IoU mean {shuffled['iou'].mean():.3f} vs {uncached['iou'].mean():.3f}")
-    assert shuffled["iou"].mean() < 0.5 * uncached["iou"].mean()
-    assert shuffled["fscore"].mean() < uncached["fscore"].mean() - 0.15
+    n = N_SHAPES // 2
+    # the first n shapes generated from the image of another shape (same noise seeds)
+    shuffled = evaluate(gen, occ[:n], torch.roll(cond[:n], 1, dims=0), seed=0, batch=n, steps=25)
+    iou_ok, f_ok = uncached["iou"][:n].mean(), uncached["fscore"][:n].mean()
+    iou_bad, f_bad = shuffled["iou"].mean(), shuffled["fscore"].mean()
+    print(f"\nright image: IoU {iou_ok:.3f} F@0.1 {f_ok:.3f} | other image: IoU {iou_bad:.3f} F@0.1 {f_bad:.3f}")
+    assert iou_bad < iou_ok - 0.25
+    assert f_bad < f_ok - 0.1

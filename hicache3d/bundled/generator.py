@@ -18,7 +18,7 @@ from .sampler import OccupancyFlowSampler
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "bundled_occ32.safetensors"
 
-DEFAULT_SAMPLING = {"steps": 25, "cfg_strength": 3.0, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}
+DEFAULT_SAMPLING = {"steps": 25, "cfg_strength": 1.0, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}
 
 ImageLike = Union[str, Path, np.ndarray, torch.Tensor]
 

@@ -104,7 +104,7 @@ class OccupancyFlowSampler:
         cond: torch.Tensor,
         neg_cond: torch.Tensor,
         steps: int = 25,
-        cfg_strength: float = 3.0,
+        cfg_strength: float = 1.0,
         cfg_interval: Tuple[float, float] = (0.5, 1.0),
         rescale_t: float = 3.0,
         progress: Optional[Callable[[int, int, float], None]] = None,
