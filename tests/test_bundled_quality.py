@@ -50,3 +50,26 @@ def test_image_matters(setup, uncached):
     print(f"\nright image: IoU {iou_ok:.3f} F@0.1 {f_ok:.3f} | other image: IoU {iou_bad:.3f} F@0.1 {f_bad:.3f}")
     assert iou_bad < iou_ok - 0.25
     assert f_bad < f_ok - 0.1
+
+
+def test_user_png_silhouette_only(setup, tmp_path):
+    """A user-style RGBA PNG (silhouette only, re-framed) gives a shape inside its visual hull."""
+    from hicache3d.bundled import shapes
+    from hicache3d.bundled.metrics import voxel_iou
+    from hicache3d.bundled.model import ImageLifter
+
+    gen, occ, cond = setup
+    lifter = ImageLifter()
+    ious = []
+    for i in range(3):
+        path = tmp_path / f"obj{i}.png"
+        shapes.write_png(path, shapes.condition_to_rgba(cond[i]))
+        out = gen(str(path), seed=i)
+        user_cond = shapes.image_to_condition(path)[None]
+        hull = lifter(user_cond)[0, 0] > 0.5
+        o = out.occupancy[0]
+        assert o.sum() > 50
+        assert (o & hull).sum() / o.sum() > 0.9
+        ious.append(voxel_iou(o, occ[i]).item())
+    print(f"\nuser PNG (silhouette only) IoU vs truth: {np.round(ious, 3)}")
+    assert np.mean(ious) > 0.1
