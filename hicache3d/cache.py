@@ -131,12 +131,11 @@ class VelocityCache:
         """Velocity of this step: ``compute()`` on computed steps, a forecast otherwise."""
         pos = float(self.step_index) if self.config.horizon == "step" else _position(t)
         f = self.forecaster
-        if force_compute or self.will_compute():
+        restarts0 = Counter(f.stats.restarts)
+        if force_compute or self.will_compute() or not f.ready():
             t0 = time.perf_counter()
             v = compute()
-            res = f.push(pos, v)
-            if res.restarted:
-                self.stats.restarts[res.restarted] += 1
+            f.push(pos, v)
             self.stats.computed += 1
             self._since_compute = 0
             self.stats.compute_time_s += time.perf_counter() - t0
@@ -151,6 +150,7 @@ class VelocityCache:
             self.stats.forecast += 1
             self._since_compute += 1
             self.stats.forecast_time_s += time.perf_counter() - t0
+        self.stats.restarts.update(f.stats.restarts - restarts0)
         self.step_index += 1
         return v
 

@@ -140,8 +140,7 @@ class Run:
         self.controller = controller
         self.instance = instance
         names = sites if sites is not None else [s.name for s in controller.recipe.sites]
-        self.caches: Dict[str, VelocityCache] = {
-            n: VelocityCache(controller.recipe.site(n).config) for n in names}
+        self.caches: Dict[str, VelocityCache] = {n: controller.take_cache(n) for n in names}
         self.extra: Counter = Counter()
         self.scratch: Dict[str, Any] = {}
         self.t0 = time.perf_counter()
@@ -163,14 +162,34 @@ class Controller:
         self.enabled = True
         self.records: Deque[RunRecord] = deque(maxlen=keep)
         self._lock = threading.Lock()
+        self._pool = threading.local()
         self.patches: List[Any] = []
+
+    def take_cache(self, site: str) -> VelocityCache:
+        """A reset cache for ``site``: reused from this thread's pool (its buffers stay
+        allocated between runs), or a new one."""
+        free = self._pool.__dict__.setdefault("caches", {}).get(site)
+        if free:
+            cache = free.pop()
+            cache.runs.clear()
+            cache.reset()
+            return cache
+        return VelocityCache(self.recipe.site(site).config)
 
     def open_run(self, instance: Any, sites: Optional[List[str]] = None) -> Run:
         return Run(self, instance, sites)
 
     def close_run(self, run: Run, failed: bool) -> None:
+        record = run.record(failed)
         with self._lock:
-            self.records.append(run.record(failed))
+            self.records.append(record)
+        pool = self._pool.__dict__.setdefault("caches", {})
+        for site, cache in run.caches.items():
+            if failed:                      # nothing of a failed run is kept
+                cache.forecaster.reset()
+            free = pool.setdefault(site, [])
+            if len(free) < 2:
+                free.append(cache)
 
     def remove_patches(self) -> None:
         for p in reversed(self.patches):

@@ -31,11 +31,14 @@ def _model_step_wrapper(model: Any):
         if run is None or getattr(run.instance, "model", None) is not model:
             return wrapped(*args, **kwargs)
         cache = run.caches[SITE]
-        sigmas = getattr(getattr(run.instance, "scheduler", None), "sigmas", None)
+        sigmas = run.scratch.get("sigmas")
+        if sigmas is None:      # read once per run (set_timesteps ran before the loop)
+            sig = getattr(getattr(run.instance, "scheduler", None), "sigmas", None)
+            sigmas = sig.tolist() if isinstance(sig, torch.Tensor) and sig.dim() == 1 else []
+            run.scratch["sigmas"] = sigmas
         i = cache.step_index
         last = run.scratch.get("last")
-        if (last is not None and isinstance(sigmas, torch.Tensor) and sigmas.dim() == 1
-                and i == len(sigmas) - 2 and float(sigmas[i + 1]) == float(sigmas[i])):
+        if last is not None and i == len(sigmas) - 2 and sigmas[i + 1] == sigmas[i]:
             run.extra["wasted_steps_skipped"] += 1
             cache.step_index += 1
             return torch.zeros_like(last)

@@ -33,13 +33,12 @@ def timed(fn, reps):
     return statistics.median(out)
 
 
-def main(reps: int = 15, steps: int = 20) -> dict:
+def main(reps: int = 41, steps: int = 20) -> dict:
     torch.set_num_threads(1)
     import tempfile
     pipe = H.build_pipeline(Path(tempfile.mkdtemp()) / "models")
     run = lambda: H.run(pipe, steps=steps, output_type="latent")
     run()
-    plain = timed(run, reps)
     # one network call alone, with the arguments of a real step (captured by a hook)
     seen = {}
     h = pipe.model.register_forward_pre_hook(
@@ -49,9 +48,40 @@ def main(reps: int = 15, steps: int = 20) -> dict:
     args, kwargs = seen["a"]
     with torch.inference_mode():
         call = timed(lambda: pipe.model(*args, **kwargs), reps * 4)
+    # interleave unpatched and patched runs so machine noise hits both alike
+    plain_t, patched_t = [], []
+    for _ in range(reps):
+        plain_t.append(timed(run, 1))
+        with hicache3d.accelerate(pipe, interval=1):
+            patched_t.append(timed(run, 1))
+    plain, patched = statistics.median(plain_t), statistics.median(patched_t)
+
+    # direct measurement: hooks around Module.forward time our wrapper plus the real call;
+    # a shim inside times the real call alone; the difference is the engine's own work
+    real_forward = pipe.model.forward
+    inner, outer, t_in = [], [], {}
+
+    def shim(*a, **k):
+        t0 = time.perf_counter()
+        out = real_forward(*a, **k)
+        inner.append(time.perf_counter() - t0)
+        return out
+    pipe.model.forward = shim
+    h1 = pipe.model.register_forward_pre_hook(lambda m, a: t_in.__setitem__("t", time.perf_counter()))
+    h2 = pipe.model.register_forward_hook(lambda m, a, o: outer.append(time.perf_counter() - t_in["t"]))
     with hicache3d.accelerate(pipe, interval=1):
-        run()
-        patched = timed(run, reps)
+        for _ in range(reps):
+            inner.clear()
+            outer.clear()
+            run()
+    h1.remove()
+    h2.remove()
+    del pipe.model.forward
+    # the last step (dt = 0) is skipped by the adapter: only computed steps count
+    own = [o - i for o, i in zip(outer[:len(inner)], inner)]
+    own_per_step = statistics.median(own)
+    call_in_loop = statistics.median(inner)
+
     # the engine alone: a no-op network through VelocityCache
     v = torch.randn(2, 16, 64)
     cache = VelocityCache(CacheConfig(backend="dmd", interval=1))
@@ -67,10 +97,13 @@ def main(reps: int = 15, steps: int = 20) -> dict:
     overhead = (patched - plain + call) / computed_steps
     res = {
         "device": "cpu, 1 thread", "steps": steps, "reps": reps,
+        "network_call_in_loop_s": call_in_loop,
+        "engine_own_time_per_computed_step_s": own_per_step,
+        "engine_own_time_vs_network_call": own_per_step / call_in_loop,
         "network_call_s": call, "unpatched_run_s": plain, "patched_interval1_run_s": patched,
         "engine_per_step_noop_network_s": engine,
-        "engine_overhead_per_computed_step_s": overhead,
-        "overhead_vs_network_call": overhead / call,
+        "engine_overhead_per_computed_step_by_difference_s": overhead,
+        "overhead_by_difference_vs_network_call": overhead / call,
         "noop_engine_vs_network_call": engine / call,
         "target": "< 5% of the tiny Hunyuan3D network call",
     }
@@ -80,7 +113,11 @@ def main(reps: int = 15, steps: int = 20) -> dict:
     md = ["# Engine overhead per computed step (hy3dgen 2.0.2, tiny model, CPU)", "",
           "| quantity | value |", "|---|---|"]
     md += [f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in res.items()]
-    md += ["", "The patched run at interval 1 computes every step but the last (its dt is 0, so "
+    md += ["", "`engine_own_time_per_computed_step_s` is measured directly: forward hooks time "
+           "our wrapper plus the real network call on every computed step, a shim inside "
+           "times the real call alone, and the median difference is the engine's own work "
+           "(schedule, bookkeeping, snapshot copy). This is the figure for the target.",
+           "", "The by-difference figures compare whole runs: the patched run at interval 1 computes every step but the last (its dt is 0, so "
            "the adapter skips that call); the overhead is the per-step difference after adding "
            "that saved call back. `engine_per_step_noop_network_s` is the engine alone "
            "(schedule, snapshot copy, Gram update) around a network that returns at once."]

@@ -166,7 +166,24 @@ def test_nonfinite_snapshot_is_dropped_and_counted():
     fc = make_forecaster("dmd", history=4)
     fc.push(0, torch.ones(1, 3))
     fc.push(1, torch.tensor([[1.0, float("nan"), 0.0]]))
+    assert not fc.ready()
     assert len(fc) == 0 and fc.stats.restarts["nonfinite_snapshot"] == 1
+
+
+def test_cache_computes_when_the_history_was_dropped():
+    from hicache3d import CacheConfig, VelocityCache
+    cache = VelocityCache(CacheConfig(backend="reuse", interval=2, first_enhance=1))
+    calls = []
+
+    def net(i, v):
+        calls.append(i)
+        return v
+    cache.step(0, lambda: net(0, torch.ones(1, 3)))                    # computed
+    cache.step(1, lambda: net(1, torch.ones(1, 3)))                    # forecast
+    cache.step(2, lambda: net(2, torch.full((1, 3), float("nan"))))    # computed, not finite
+    out = cache.step(3, lambda: net(3, torch.full((1, 3), 2.0)))       # history dropped: computed
+    assert calls == [0, 2, 3] and torch.equal(out, torch.full((1, 3), 2.0))
+    assert cache.stats.restarts["nonfinite_snapshot"] == 1
 
 
 def test_fallback_chain_dmd_to_hermite_to_reuse_is_counted():

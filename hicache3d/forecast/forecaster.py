@@ -143,7 +143,7 @@ class Forecaster:
         return len(self.store)
 
     def reset(self) -> None:
-        self.store.clear()
+        self.store.restart()
         self._fits.clear()
         self._choice.clear()
         self._gram_cache = (-1, None)
@@ -156,6 +156,16 @@ class Forecaster:
         self._fits.clear()
         self._choice.clear()
         return res
+
+    def ready(self) -> bool:
+        """Whether a forecast can be made: brings the Gram matrix up to date (a non-finite
+        snapshot found now drops the history, counted in ``stats.restarts``)."""
+        reason = self.store.finalize()
+        if reason:
+            self.stats.restarts[reason] += 1
+            self._fits.clear()
+            self._choice.clear()
+        return len(self.store) > 0
 
     # ------------------------------------------------------------------ fitting
     def _window(self):
@@ -243,8 +253,9 @@ class Forecaster:
     def predict_weights(self, tq: float) -> Tuple[np.ndarray, List[str], List[str]]:
         """Snapshot weights ``[items, n]`` for a forecast at ``tq``, the label of the basis
         that served each item, and the fallback reasons met on the way."""
-        if len(self.store) == 0:
-            raise RuntimeError("predict() called before any snapshot was pushed")
+        if not self.ready():
+            raise RuntimeError("predict() called with no usable snapshot (none pushed, or the "
+                               "history was dropped after a non-finite snapshot)")
         n = len(self.store)
         W = np.zeros((self.store.items, n))
         labels, reasons = [], []

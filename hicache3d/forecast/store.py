@@ -60,6 +60,15 @@ class SnapshotStore:
         self.clear()
 
     # ------------------------------------------------------------------ state
+    def restart(self) -> None:
+        """Forget every snapshot but keep the allocated buffers: a new run of the same
+        sampler reuses them (its first push checks that the structure still matches)."""
+        if self.spec is None:
+            return self.clear()
+        self._order = []
+        self._pending = set()
+        self.version += 1
+
     def clear(self) -> None:
         self.spec: Optional[TreeSpec] = None
         self._leaves: List[_Leaf] = []
@@ -67,7 +76,8 @@ class SnapshotStore:
         self._times: List[float] = []          # position of each slot's snapshot
         self._gram: Optional[np.ndarray] = None  # [items, cap, cap] float64, slot-indexed
         self.items = 1
-        self.version = 0                        # bumps on every accepted push / clear
+        self._pending: set = set()
+        self.version = getattr(self, "version", 0) + 1   # bumps on every push / clear
         self.gram_eps = float(np.finfo(np.float64).eps)
 
     def __len__(self) -> int:
@@ -78,7 +88,8 @@ class SnapshotStore:
         return np.asarray([self._times[s] for s in self._order], dtype=np.float64)
 
     def gram(self) -> np.ndarray:
-        """Gram matrices ``[items, n, n]`` in float64, oldest snapshot first."""
+        """Gram matrices ``[items, n, n]`` in float64, oldest snapshot first (call
+        :meth:`finalize` first)."""
         o = self._order
         return self._gram[:, o][:, :, o]
 
@@ -136,10 +147,12 @@ class SnapshotStore:
                                       np.zeros(self.capacity)))
         self.spec = spec
         self._order, self._times = [], [0.0] * self.capacity
+        self._pending = set()
         self._gram = np.zeros((self.items, self.capacity, self.capacity), dtype=np.float64)
-        low = any(t.dtype not in (torch.float64,) for t in leaves)
-        # float32 accumulation of fp32/fp16/bf16 data: the Gram is as precise as fp32
-        self.gram_eps = float(torch.finfo(torch.float32).eps) if low else float(np.finfo(np.float64).eps)
+        # products are accumulated in float64; the data's own rounding limits what the
+        # Gram matrix can resolve
+        # (singular values below ~eps * s_max are rounding noise: gram_eps = eps^2)
+        self.gram_eps = max(float(torch.finfo(t.dtype).eps) for t in leaves) ** 2
 
     # ------------------------------------------------------------------ push
     def push(self, position: float, velocity: Any) -> PushResult:
@@ -159,50 +172,63 @@ class SnapshotStore:
             self._start(leaves, spec)
 
         slot = len(self._order) if len(self._order) < self.capacity else self._order[0]
-        dots = np.zeros((self.items, self.capacity), dtype=np.float64)
         for t, leaf, info in zip(leaves, self._leaves, spec.leaves):
-            view = self._rows_view(t, leaf.batch_dim, info.sparse)
-            leaf.buf[:, slot].copy_(view)
-            row_dots = self._row_dots(leaf.buf, slot)                 # [rows, cap] float64
-            if leaf.row_items is not None:
-                acc = torch.zeros((self.items, self.capacity), dtype=torch.float64,
-                                  device=row_dots.device)
-                acc.index_add_(0, leaf.row_items, row_dots)
-                row_dots = acc
-            elif row_dots.shape[0] != self.items:                      # unbatched leaf
-                row_dots = row_dots.sum(0, keepdim=True).expand(self.items, -1)
-            dots += row_dots.cpu().numpy()
+            leaf.buf[:, slot].copy_(self._rows_view(t, leaf.batch_dim, info.sparse))
             if t.dtype in _LOW_PRECISION:
-                leaf.amax[slot] = float(leaf.buf[:, slot].abs().amax().float().item())
-        if not np.all(np.isfinite(dots[:, slot])):
-            # a non-finite snapshot would poison every later forecast: drop the history
-            self._order, self.spec = [], None
-            self.version += 1
-            return PushResult(restarted="nonfinite_snapshot", accepted=False)
+                col = leaf.buf[:, slot]
+                leaf.amax[slot] = max(abs(float(col.amax())), abs(float(col.amin())))
         if slot in self._order:
             self._order.remove(slot)
         self._order.append(slot)
         self._times[slot] = float(position)
-        g = self._gram
-        g[:, slot, :] = dots
-        g[:, :, slot] = dots
+        self._pending.add(slot)
         self.version += 1
         return PushResult(restarted=restarted, accepted=True)
 
+    def finalize(self) -> Optional[str]:
+        """Bring the Gram matrix up to date with the snapshots pushed since the last call
+        (one batched product per leaf; deferred so computed steps only copy).  Returns
+        ``"nonfinite_snapshot"`` if a pending snapshot was not finite: the history is then
+        dropped, since it would poison every later forecast."""
+        if not self._pending:
+            return None
+        pend = sorted(self._pending)
+        self._pending.clear()
+        dots = np.zeros((self.items, self.capacity, len(pend)), dtype=np.float64)
+        for leaf in self._leaves:
+            d = self._dots(leaf.buf, pend)                             # [rows, cap, p]
+            if leaf.row_items is not None:
+                acc = torch.zeros((self.items,) + tuple(d.shape[1:]), dtype=torch.float64,
+                                  device=d.device)
+                acc.index_add_(0, leaf.row_items, d)
+                d = acc
+            elif d.shape[0] != self.items:                             # unbatched leaf
+                d = d.sum(0, keepdim=True).expand(self.items, -1, -1)
+            dots += d.cpu().numpy()
+        diag = dots[:, pend, np.arange(len(pend))]
+        if not np.all(np.isfinite(diag)):
+            self._order, self.spec = [], None
+            self.version += 1
+            return "nonfinite_snapshot"
+        g = self._gram
+        for k, s in enumerate(pend):
+            g[:, s, :] = dots[:, :, k]
+            g[:, :, s] = dots[:, :, k]
+        return None
+
     @staticmethod
-    def _row_dots(buf: torch.Tensor, slot: int) -> torch.Tensor:
-        """``<buf[r, s, :], buf[r, slot, :]>`` for every row and slot, accumulated in float64."""
+    def _dots(buf: torch.Tensor, slots: List[int]) -> torch.Tensor:
+        """``<buf[r, s, :], buf[r, q, :]>`` for every row, slot s and q in ``slots``,
+        accumulated in float64 (chunks of low-precision data are up-cast to fp32)."""
         rows, cap, cols = buf.shape
-        cdt = _compute_dtype(buf.dtype)
-        out = torch.zeros((rows, cap), dtype=torch.float64, device=buf.device)
-        if buf.dtype == cdt and rows == 1 and cols <= _CHUNK:
-            return (buf[0] @ buf[0, slot]).to(torch.float64).unsqueeze(0)
+        idx = torch.tensor(slots, device=buf.device)
+        if buf.dtype == torch.float64:
+            return torch.bmm(buf, buf.index_select(1, idx).transpose(1, 2))
+        out = torch.zeros((rows, cap, len(slots)), dtype=torch.float64, device=buf.device)
         for c0 in range(0, cols, _CHUNK):
-            blk = buf[:, :, c0:c0 + _CHUNK]
-            if blk.dtype != cdt:
-                blk = blk.to(cdt)
-            v = blk[:, slot, :].unsqueeze(-1)                          # [rows, chunk, 1]
-            out += torch.bmm(blk, v).squeeze(-1).to(torch.float64)
+            blk = buf[:, :, c0:c0 + _CHUNK].to(torch.float64)
+            out += torch.bmm(blk, blk.index_select(1, idx).transpose(1, 2))
+            del blk
         return out
 
     # ------------------------------------------------------------------ combine
