@@ -1,6 +1,8 @@
 """The ``hicache3d`` command line."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -199,3 +201,107 @@ def recipes_cmd():
             state = f"{r.package} {version} ({'supported' if ok else 'outside ' + r.versions})"
         sites = ", ".join(f"{s.name}: {s.config.backend}/{s.config.interval}" for s in r.sites)
         click.echo(f"{name:18s} {state:40s} sites [{sites}]  {r.description}")
+
+
+@main.command("generate")
+@click.option("--image", "image", required=True, type=click.Path(path_type=Path),
+              help="Input PNG, or a folder of PNGs.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Output mesh (.glb .obj .ply .stl), or a folder when --image is a folder.")
+@click.option("--model", default="bundled", show_default=True,
+              help="Recipe whose generator makes the mesh (see `hicache3d recipes`).")
+@click.option("--weights", help="Local weights folder (upstream models; default: the recipe's hub repo).")
+@click.option("--backend", type=_BACKENDS, help="Forecast basis (default: the recipe's).")
+@click.option("--interval", type=click.IntRange(1, 1000), help="Compute one step in N (default: the recipe's).")
+@click.option("--steps", type=click.IntRange(1, 1000), help="Sampling steps (default: the model's).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--no-cache", is_flag=True, help="Run the generator unaccelerated.")
+@click.option("--compare", "do_compare", is_flag=True, help="Also run uncached and report the drift.")
+@click.option("--format", "fmt", default="glb", show_default=True, type=click.Choice(["glb", "obj", "ply", "stl"]),
+              help="Mesh format when writing into a folder.")
+def generate_cmd(image, out, model, weights, backend, interval, steps, seed, no_cache, do_compare, fmt):
+    """Make a mesh from an image (the bundled generator needs no GPU and no download).
+
+    \b
+    Examples:
+      hicache3d generate --image mug.png --out mug.glb
+      hicache3d generate --image mug.png --out mug.obj --backend dmd --interval 4 --compare
+      hicache3d generate --image photos/ --out meshes/ --format ply
+    """
+    from .generate import GenerateError, Generator, check_image, list_images
+    from .mesh import MeshError, compare_meshes, export_mesh
+    from .recipe import RecipeError
+    try:
+        images = list_images(image)
+        if image.is_dir():
+            if out.suffix:
+                raise GenerateError(f"--image is a folder, so --out must be a folder, got {out}")
+            out.mkdir(parents=True, exist_ok=True)
+            targets = [out / f"{p.stem}.{fmt}" for p in images]
+        else:
+            from .mesh import _ext
+            _ext(out)
+            folder = out.parent if str(out.parent) else Path(".")
+            if not folder.is_dir():
+                raise GenerateError(f"cannot write {out}: folder {folder} does not exist")
+            if not os.access(folder, os.W_OK):
+                raise GenerateError(f"cannot write {out}: folder {folder} is not writable")
+            targets = [out]
+        for p in images:
+            check_image(p)
+        gen = Generator(model, weights)
+        gen.warmup()
+        settings = {k: v for k, v in dict(backend=backend, interval=interval).items() if v is not None}
+        for src, dst in zip(images, targets):
+            ref = None
+            if do_compare and not no_cache:
+                ref = gen.run(src, steps=steps, seed=seed, cache=False)
+            label = f"{src.name}" + ("" if no_cache else " (accelerated)")
+            with click.progressbar(length=steps or 25, label=label, show_pos=True,
+                                   file=sys.stderr) as bar:
+                def progress(i, n):
+                    bar.length = n
+                    bar.update(1)
+                res = gen.run(src, steps=steps, seed=seed, cache=not no_cache, settings=settings,
+                              progress=progress)
+            if res.mesh is None:
+                raise GenerateError(f"{src}: the generator produced no surface")
+            export_mesh(res.mesh, dst)
+            line = f"{dst}: {res.seconds:.2f} s, {res.network_calls} network calls"
+            if not no_cache:
+                line += f", {res.skipped_calls} skipped"
+            if ref is not None:
+                m = compare_meshes(res.mesh, ref.mesh)
+                line += (f"; uncached {ref.seconds:.2f} s, {ref.network_calls} calls: speed-up "
+                         f"{ref.seconds / max(res.seconds, 1e-9):.2f}x; vs uncached Chamfer "
+                         f"{m['chamfer']:.4f}, F@{m['tau']:g} {m['fscore']:.3f}, IoU {m['iou']:.3f}")
+            click.echo(line)
+    except (GenerateError, MeshError, RecipeError, ValueError) as e:
+        raise click.ClickException(str(e))
+
+
+@main.command("compare")
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--tau", default=0.05, show_default=True, type=float, help="F-score distance threshold (unit cube).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def compare_cmd(a, b, tau, as_json):
+    """Chamfer distance, F-score@tau and voxel IoU of two meshes, each normalised to the
+    unit cube.
+
+    \b
+    Example:
+      hicache3d compare cached.glb uncached.glb --json
+    """
+    import json as _json
+
+    from .mesh import MeshError, compare_meshes, load_mesh
+    try:
+        m = compare_meshes(load_mesh(a), load_mesh(b), tau=tau)
+    except MeshError as e:
+        raise click.ClickException(str(e))
+    if as_json:
+        click.echo(_json.dumps(m, indent=2))
+    else:
+        click.echo(f"Chamfer {m['chamfer']:.5f}  F@{tau:g} {m['fscore']:.4f} "
+                   f"(precision {m['precision']:.4f}, recall {m['recall']:.4f})  IoU {m['iou']:.4f}")

@@ -43,7 +43,31 @@ class GenericAdapter(Adapter):
             if p.apply():
                 controller.patches.append(p)
 
+    def _targets(self, obj: Any):
+        """``obj`` itself if it is a sampler of the run class, else the samplers among its
+        attributes (a pipeline holding its sampler, e.g. ``generator.sampler``)."""
+        owner, _ = self.run_target()
+        if isinstance(owner, type) and isinstance(obj, owner):
+            return [obj]
+        return [v for v in vars(obj).values() if isinstance(owner, type) and isinstance(v, owner)] \
+            if hasattr(obj, "__dict__") else []
+
+    def matches(self, obj: Any) -> bool:
+        try:
+            return bool(self._targets(obj))
+        except RecipeError:
+            return False
+
     def install_object(self, obj: Any, controller: Controller) -> None:
+        targets = self._targets(obj)
+        if not targets:
+            owner, name = self.run_target()
+            raise RecipeError(f"recipe {self.recipe.name!r} runs {owner.__qualname__}.{name}, and "
+                              f"{type(obj).__qualname__} neither is one nor holds one")
+        for target in targets:
+            self._install_one(target, controller)
+
+    def _install_one(self, obj: Any, controller: Controller) -> None:
         self.register_object(obj, controller)
         owner, name = self.run_target()
         if self._already_class_patched(owner, name):
