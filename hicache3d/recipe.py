@@ -17,6 +17,9 @@ A recipe file::
     backend = "dmd"
     interval = 5
 
+    [sites.shape.options]                     # optional: adapter-specific site settings
+    adaptive_cfg = true                       # (read by the adapter, not by CacheConfig)
+
 Recipes ship in ``hicache3d.recipes`` and are also discovered from the
 ``hicache3d.recipes`` entry-point group (each entry point names a TOML file path or a
 module whose folder holds ``*.toml`` files).
@@ -40,7 +43,7 @@ else:  # pragma: no cover
 __all__ = ["Recipe", "RecipeError", "SiteSpec", "load_recipe", "known_recipes", "get_recipe",
            "version_status"]
 
-_SITE_KEYS = {"step", "t_arg", "description"}
+_SITE_KEYS = {"step", "t_arg", "description", "options"}
 
 
 class RecipeError(ValueError):
@@ -54,6 +57,7 @@ class SiteSpec:
     step: Optional[str] = None          # adapter-specific per-step target
     t_arg: Any = None                   # generic adapter: name or index of the time argument
     description: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)   # adapter-specific settings
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,10 @@ class Recipe:
 
     def with_settings(self, common: Mapping[str, Any] = None,
                       per_site: Mapping[str, Mapping[str, Any]] = None) -> "Recipe":
-        """A copy whose site configs are overridden (``common`` for all sites, then per site)."""
+        """A copy whose site configs are overridden (``common`` for all sites, then per site).
+
+        A key that names one of a site's adapter ``options`` (or an ``options`` mapping)
+        overrides those options instead of the cache settings."""
         common = dict(common or {})
         per_site = dict(per_site or {})
         unknown = sorted(set(per_site) - {s.name for s in self.sites})
@@ -90,7 +97,16 @@ class Recipe:
         sites = []
         for s in self.sites:
             changes = {**common, **dict(per_site.get(s.name, {}))}
-            sites.append(dataclasses.replace(s, config=_config(s.config.as_dict(), changes, self.name, s.name)))
+            options = dict(s.options)
+            extra = changes.pop("options", None)
+            if extra is not None:
+                if not isinstance(extra, Mapping):
+                    raise RecipeError(f"recipe {self.name!r}, site {s.name!r}: options must be a mapping")
+                options.update(extra)
+            for k in [k for k in changes if k in s.options]:
+                options[k] = changes.pop(k)
+            sites.append(dataclasses.replace(s, config=_config(s.config.as_dict(), changes, self.name, s.name),
+                                             options=options))
         return dataclasses.replace(self, sites=tuple(sites))
 
 
@@ -118,9 +134,12 @@ def parse_recipe(data: Mapping[str, Any], source: str = "") -> Recipe:
             settings["candidates"] = tuple(settings["candidates"])
         if isinstance(settings.get("candidate_damping"), list):
             settings["candidate_damping"] = tuple(settings["candidate_damping"])
+        options = table.get("options", {})
+        if not isinstance(options, Mapping):
+            raise RecipeError(f"recipe {data['name']!r}{where}: sites.{name}.options must be a table")
         sites.append(SiteSpec(name=name, config=_config({}, settings, data["name"], name),
                               step=table.get("step"), t_arg=table.get("t_arg"),
-                              description=table.get("description", "")))
+                              description=table.get("description", ""), options=dict(options)))
     known = {"name", "adapter", "module", "sites", "package", "versions", "run", "weights",
              "weights_subfolder", "description"}
     return Recipe(name=data["name"], adapter=data["adapter"], module=data["module"],

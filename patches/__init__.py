@@ -8,6 +8,8 @@ from .base import Adapter
 _ADAPTERS: Dict[str, str] = {
     "generic": "hicache3d.patches.generic:GenericAdapter",
     "hunyuan3d": "hicache3d.patches.hunyuan3d:Hunyuan3DAdapter",
+    "sam3d": "hicache3d.patches.sam3d:SAM3DAdapter",
+    "fast_sam3d": "hicache3d.patches.sam3d:FastSAM3DAdapter",
 }
 
 

@@ -73,3 +73,56 @@ class Adapter:
     def _already_class_patched(owner: Any, name: str) -> bool:
         from hicache3d.patching import _marked
         return _marked(vars(owner).get(name)) if isinstance(owner, type) else False
+
+
+def generator_run_wrapper(default: Optional[Controller],
+                          on_open: Optional[Callable[[Any, tuple, dict], None]] = None,
+                          on_close: Optional[Callable[[Any], None]] = None,
+                          sites: Optional[list] = None) -> Callable:
+    """Like :func:`hicache3d.patching.run_wrapper`, for an entry point that is a *generator
+    function* (``solve_iter``): the run opens at the first ``next()``, is active only while
+    the wrapped generator runs (never while the consumer holds control between items), and
+    closes when it is exhausted, closed early, or raises.  ``on_open(run, args, kwargs)``
+    may raise to refuse the run (nothing stays behind)."""
+    from hicache3d.patching import _RUNS, controller_for
+
+    def wrapper(wrapped, instance, args, kwargs):
+        ctl = controller_for(instance, default)
+        if ctl is None:
+            return wrapped(*args, **kwargs)
+
+        def gen():
+            run = ctl.open_run(instance, sites)
+            failed = True
+            it = None
+            try:
+                if on_open is not None:
+                    on_open(run, args, kwargs)
+                it = wrapped(*args, **kwargs)
+                while True:
+                    token = _RUNS.set(_RUNS.get() + (run,))
+                    try:
+                        item = next(it)
+                    except StopIteration as stop:
+                        failed = False
+                        return stop.value
+                    finally:
+                        _RUNS.reset(token)
+                    try:
+                        yield item
+                    except GeneratorExit:
+                        failed = False
+                        raise
+            finally:
+                if it is not None:
+                    it.close()
+                if on_close is not None:
+                    try:
+                        on_close(run)
+                    except Exception:
+                        pass
+                ctl.close_run(run, failed)
+
+        return gen()
+
+    return wrapper
