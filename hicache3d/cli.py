@@ -305,3 +305,50 @@ def compare_cmd(a, b, tau, as_json):
     else:
         click.echo(f"Chamfer {m['chamfer']:.5f}  F@{tau:g} {m['fscore']:.4f} "
                    f"(precision {m['precision']:.4f}, recall {m['recall']:.4f})  IoU {m['iou']:.4f}")
+
+
+def _int_list(value: str):
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers")
+
+
+@main.command("bench")
+@click.option("--model", default="bundled", show_default=True, help="Only the bundled generator is swept.")
+@click.option("--backends", default="reuse,taylor,hermite,dmd,auto", show_default=True)
+@click.option("--intervals", default="2,3,4,5,6", show_default=True)
+@click.option("--steps", "steps", default="12,25,50", show_default=True)
+@click.option("--images", type=click.Path(exists=True, path_type=Path),
+              help="Folder of PNGs (default: the bundled generator's held-out shapes).")
+@click.option("--shapes", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Held-out shapes to use when no --images are given.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", default=Path("bench-results"), show_default=True, type=click.Path(path_type=Path))
+def bench_cmd(model, backends, intervals, steps, images, shapes, seed, out):
+    """The table to pick settings for a model: fidelity (F-score, Chamfer, IoU, latent L2
+    vs the uncached result of the same seed), network forwards and wall time, per basis and
+    interval.  Writes JSON, Markdown and a fidelity-vs-speed plot (PNG; needs matplotlib).
+
+    \b
+    Example:
+      hicache3d bench --backends reuse,dmd,auto --intervals 2,4,6 --steps 25 --shapes 16
+    """
+    from .bench import run_sweep, write_reports
+    if model != "bundled":
+        raise click.ClickException("bench sweeps the bundled generator; for an upstream model use "
+                                   "`hicache3d generate --compare` on your own images")
+    bk = [b.strip() for b in backends.split(",") if b.strip()]
+    bad = [b for b in bk if b not in ("reuse", "taylor", "hermite", "dmd", "auto")]
+    if bad or not bk:
+        raise click.BadParameter(f"unknown backend(s) {', '.join(bad) or '(none)'}", param_hint="--backends")
+    ivs, sts = _int_list(intervals), _int_list(steps)
+    if not ivs or min(ivs) < 1 or not sts or min(sts) < 2:
+        raise click.BadParameter("intervals must be >= 1 and steps >= 2")
+    try:
+        res = run_sweep(bk, ivs, sts, shapes_n=shapes, images=images, seed=seed,
+                        progress=lambda s: click.echo(s, err=True))
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    for p in write_reports(res, out):
+        click.echo(f"wrote {p}")
