@@ -38,6 +38,35 @@ def __dir__():
     return __all__
 
 
+def _serve_subpackages_from_checkout() -> None:
+    """In a source checkout, ``hicache3d.patches`` and ``hicache3d.recipes`` live in the
+    ``patches/`` and ``recipes/`` folders beside this package (pyproject's ``package-dir``).
+    Serve them from this checkout, so a checkout put first on ``sys.path`` never mixes with
+    the sub-packages of another, installed copy.  A no-op in an installed wheel."""
+    import os
+    import sys
+    from importlib.util import spec_from_file_location
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subs = {f"{__name__}.{n}": os.path.join(root, n) for n in ("patches", "recipes")}
+    if not (os.path.isfile(os.path.join(root, "pyproject.toml"))
+            and all(os.path.isfile(os.path.join(d, "__init__.py")) for d in subs.values())):
+        return
+
+    class _CheckoutFinder:
+        @staticmethod
+        def find_spec(fullname, path=None, target=None):
+            if fullname not in subs:
+                return None
+            return spec_from_file_location(fullname, os.path.join(subs[fullname], "__init__.py"),
+                                           submodule_search_locations=[subs[fullname]])
+
+    if not any(getattr(f, "__name__", "") == "_CheckoutFinder" for f in sys.meta_path):
+        sys.meta_path.insert(0, _CheckoutFinder)
+
+
+_serve_subpackages_from_checkout()
+
 from . import _bootstrap  # noqa: E402  (activates in-place patches, if any)
 
 _bootstrap.activate()

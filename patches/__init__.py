@@ -8,6 +8,7 @@ from .base import Adapter
 _ADAPTERS: Dict[str, str] = {
     "generic": "hicache3d.patches.generic:GenericAdapter",
     "hunyuan3d": "hicache3d.patches.hunyuan3d:Hunyuan3DAdapter",
+    "trellis": "hicache3d.patches.trellis:TrellisAdapter",
 }
 
 
