@@ -10,6 +10,7 @@ _ADAPTERS: Dict[str, str] = {
     "hunyuan3d": "hicache3d.patches.hunyuan3d:Hunyuan3DAdapter",
     "sam3d": "hicache3d.patches.sam3d:SAM3DAdapter",
     "fast_sam3d": "hicache3d.patches.sam3d:FastSAM3DAdapter",
+    "trellis": "hicache3d.patches.trellis:TrellisAdapter",
 }
 
 
