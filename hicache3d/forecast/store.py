@@ -151,8 +151,11 @@ class SnapshotStore:
         self._gram = np.zeros((self.items, self.capacity, self.capacity), dtype=np.float64)
         # products are accumulated in float64; the data's own rounding limits what the
         # Gram matrix can resolve
-        # (singular values below ~eps * s_max are rounding noise: gram_eps = eps^2)
-        self.gram_eps = max(float(torch.finfo(t.dtype).eps) for t in leaves) ** 2
+        # modes below ~sqrt(eps) of the largest are not trusted for anything but float64
+        # data: velocities computed in fp32 or lower carry rounding (and TF32 / batching)
+        # noise that a fit would otherwise amplify
+        low = any(t.dtype != torch.float64 for t in leaves)
+        self.gram_eps = float(torch.finfo(torch.float32).eps) if low else float(np.finfo(np.float64).eps)
 
     # ------------------------------------------------------------------ push
     def push(self, position: float, velocity: Any) -> PushResult:
@@ -168,7 +171,9 @@ class SnapshotStore:
             self._start(leaves, spec)
         elif not (spec == self.spec) or any(
                 t.device != l.buf.device for t, l in zip(leaves, self._leaves)):
-            restarted = "structure_changed"
+            # a new structure in the middle of a run restarts its history; at the start of
+            # a run (buffers kept from an earlier one) it is just a new layout
+            restarted = "structure_changed" if self._order else None
             self._start(leaves, spec)
 
         slot = len(self._order) if len(self._order) < self.capacity else self._order[0]
