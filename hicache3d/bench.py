@@ -52,7 +52,8 @@ def _summ(scores: Dict[str, np.ndarray]) -> Dict[str, float]:
 def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence[int],
               shapes_n: int = 32, images: Optional[Path] = None, seed: int = 0,
               first_enhance: int = 3, tau: float = 0.05,
-              progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+              progress: Optional[Callable[[str], None]] = None,
+              checkpoint: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Run the sweep on the bundled generator; returns a JSON-ready dict."""
     import hicache3d
     from .bundled.generator import BundledGenerator
@@ -61,7 +62,9 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
     say = progress or (lambda s: None)
     gen(cond[:1], steps=2)                                  # warm-up, untimed
     rows: List[Dict[str, Any]] = []
-    baselines = {}
+    baselines: Dict[int, Dict[str, Any]] = {}
+    result = {"shapes": names, "seed": seed, "first_enhance": first_enhance, "tau": tau,
+              "baselines": baselines, "rows": rows}
     for S in steps:
         t0 = time.perf_counter()
         ref = gen(cond, steps=S, seed=seed)
@@ -95,8 +98,9 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
                 say(f"steps {S} {b:8s} interval {iv}: IoU {row['iou_mean']:.3f} (min {row['iou_min']:.3f}), "
                     f"F {row['fscore_mean']:.3f}, latent {row['latent_rel_l2_mean']:.3f}, "
                     f"{row['forward_ratio']:.2f}x fewer forwards, {row['speedup']:.2f}x faster")
-    return {"shapes": names, "seed": seed, "first_enhance": first_enhance, "tau": tau,
-            "baselines": baselines, "rows": rows}
+            if checkpoint is not None:
+                checkpoint(result)
+    return result
 
 
 def write_reports(res: Dict[str, Any], out: Path, stem: str = "fidelity") -> List[Path]:

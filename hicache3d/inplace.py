@@ -7,11 +7,11 @@ import os
 import site
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ._bootstrap import CONFIG_NAME, PTH_NAME, read_config
+from .mesh import atomic_write
 from .patching import Controller
 from .recipe import Recipe, RecipeError, get_recipe, version_status
 
@@ -42,17 +42,7 @@ def target_dir(user: bool = False) -> Path:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, text.encode("utf-8"))
 
 
 def _load(d: Path) -> Dict[str, Any]:

@@ -34,20 +34,10 @@ def _ext(path: Union[str, Path]) -> str:
     return ext
 
 
-def export_mesh(mesh, path: Union[str, Path]) -> Path:
-    """Write ``mesh`` (a ``trimesh.Trimesh``) to ``path``, format by extension.  The file
-    appears complete or not at all (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    ext = _ext(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise MeshError(f"cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise MeshError(f"cannot write {path}: folder {folder} is not writable")
-    data = mesh.export(file_type=ext)
-    if isinstance(data, str):
-        data = data.encode()
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` completely or not at all: a temporary file in the same
+    folder (with the usual permissions), then an atomic rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -61,6 +51,20 @@ def export_mesh(mesh, path: Union[str, Path]) -> Path:
         except OSError:
             pass
         raise
+
+
+def export_mesh(mesh, path: Union[str, Path]) -> Path:
+    """Write ``mesh`` (a ``trimesh.Trimesh``) to ``path``, format by extension.  The file
+    appears complete or not at all (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    ext = _ext(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise MeshError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise MeshError(f"cannot write {path}: folder {folder} is not writable")
+    data = mesh.export(file_type=ext)
+    atomic_write(path, data.encode() if isinstance(data, str) else data)
     return path
 
 

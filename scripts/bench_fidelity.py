@@ -29,8 +29,10 @@ def main() -> None:
                         progress=print)
         stem = "fidelity_quick"
     else:
+        # reports are rewritten after every block, so an interrupted sweep keeps what it did
         res = run_sweep(["reuse", "taylor", "hermite", "dmd", "auto"], list(range(2, 9)), [12, 25, 50],
-                        shapes_n=a.shapes, progress=print)
+                        shapes_n=a.shapes, progress=lambda s: print(s, flush=True),
+                        checkpoint=lambda r: write_reports(r, a.out, "fidelity"))
         stem = "fidelity"
     for p in write_reports(res, a.out, stem):
         print("wrote", p)

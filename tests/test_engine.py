@@ -191,28 +191,12 @@ def test_version_ranges():
 
 
 # ---------------------------------------------------------------- in place, fresh processes
+from ._venv import run_py, throwaway_venv  # noqa: E402
+
+
 @pytest.fixture()
 def venv(tmp_path):
-    """A throw-away environment that sees the installed packages (so `patch` writes into
-    its own site-packages, never into the test runner's)."""
-    d = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(d)], check=True)
-    py = d / "bin" / "python"
-    inner = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    import site
-    outer = [p for p in site.getsitepackages() if Path(p).exists()]
-    # processed before hicache3d's own .pth (alphabetical): the runner's packages
-    (Path(inner) / "00outer.pth").write_text(
-        "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in outer) + "\n")
-    return py
-
-
-def run_py(py, code, env=None, cwd=None):
-    e = {k: v for k, v in os.environ.items() if k != "HICACHE3D_DISABLE"}
-    e.update(env or {})
-    return subprocess.run([str(py), "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=e, cwd=cwd, timeout=300)
+    return throwaway_venv(tmp_path / "venv")
 
 
 CHILD = '''

@@ -126,16 +126,8 @@ CHILD = textwrap.dedent('''
 
 
 def test_in_place_patch_in_fresh_processes(tmp_path):
-    from .test_engine import run_py
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    inner = Path(run_py(py, "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
-    import site
-    outer = [p for p in site.getsitepackages() if Path(p).exists()]
-    target = str(H.activate())
-    (inner / "00outer.pth").write_text("import site; " + "; ".join(
-        f"site.addsitedir({p!r})" for p in outer) + f"; import sys; sys.path.append({target!r})\n")
+    from ._venv import run_py, throwaway_venv
+    py = throwaway_venv(tmp_path / "venv", [H.activate()])
     root = str(Path(__file__).resolve().parent.parent)
     child = CHILD.format(root=root, models=str(tmp_path / "models"), steps=STEPS)
     base = run_py(py, child, cwd=root)

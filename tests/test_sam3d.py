@@ -292,23 +292,15 @@ CHILD = textwrap.dedent('''
 
 
 def cli(py, root, *argv):
-    from .test_engine import run_py
+    from ._venv import run_py
     return run_py(py, "import sys; sys.path.insert(0, %r); from tests._checkout import use_checkout_packages; "
                       "use_checkout_packages(); from hicache3d.cli import main; sys.argv=%r; main()"
                   % (root, ["hicache3d", *argv]), cwd=root)
 
 
 def test_in_place_patch_in_fresh_processes(tmp_path):
-    from .test_engine import run_py
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    inner = Path(run_py(py, "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
-    import site
-    outer = [p for p in site.getsitepackages() if Path(p).exists()]
-    target = str(S.activate())
-    (inner / "00outer.pth").write_text("import site; " + "; ".join(
-        f"site.addsitedir({p!r})" for p in outer) + f"; import sys; sys.path.append({target!r})\n")
+    from ._venv import run_py, throwaway_venv
+    py = throwaway_venv(tmp_path / "venv", [S.activate()])
     root = str(Path(__file__).resolve().parent.parent)
     child = CHILD.format(root=root)
     base = run_py(py, child, cwd=root)
