@@ -251,3 +251,39 @@ def test_patch_refuses_unknown_model_and_missing_package(venv):
     assert r.returncode != 0 and "known recipes" in r.stderr
     r = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','patch','--model','hunyuan3d-2.1']; main()")
     assert r.returncode != 0 and "not installed" in r.stderr and "--force" in r.stderr
+
+
+def test_recipes_from_the_entry_point_group(tmp_path, monkeypatch):
+    """A plug-in package ships its own recipe TOML under the hicache3d.recipes group."""
+    import importlib.metadata as md
+    pkg = tmp_path / "myplug"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mine.toml").write_text(RECIPE.replace('name = "toy"', 'name = "plug-model"'))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = md.EntryPoint(name="myplug", value="myplug", group="hicache3d.recipes")
+    real = md.entry_points
+
+    def fake(**kw):
+        return [ep] if kw.get("group") == "hicache3d.recipes" else real(**kw)
+    monkeypatch.setattr(md, "entry_points", fake)
+    assert get_recipe("plug-model").sites[0].name == "main"
+    assert "bundled" in hicache3d.recipe.known_recipes()          # shipped ones still there
+
+
+def test_unwritable_site_packages_is_a_clear_error(monkeypatch, tmp_path):
+    from hicache3d import inplace
+    monkeypatch.setattr(inplace.sysconfig, "get_paths", lambda: {"purelib": str(tmp_path / "sp")})
+    (tmp_path / "sp").mkdir()
+    monkeypatch.setattr(inplace.os, "access", lambda p, mode: False)
+    with pytest.raises(inplace.InPlaceError, match=r"cannot write to .*sp.*virtual environment.*--user"):
+        inplace.target_dir()
+
+
+def test_force_patches_a_missing_generator_with_a_warning(venv):
+    r = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','patch','--model','hunyuan3d-2.1','--force']; main()")
+    assert r.returncode == 0 and "warning" in r.stderr and "--force" in r.stderr
+    st = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','status']; main()")
+    assert "hunyuan3d-2.1" in st.stdout and "forced" in st.stdout
+    r = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','unpatch','--model','nope']; main()")
+    assert r.returncode != 0 and "not patched: nope" in r.stderr
