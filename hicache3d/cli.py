@@ -114,7 +114,7 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sit
       hicache3d patch --recipe my_sampler.toml
     """
     from .inplace import InPlaceError, write_patch
-    from .recipe import RecipeError, get_recipe, version_status
+    from .recipe import RecipeError, for_module, get_recipe, installed_module, version_status
     if bool(model) == bool(recipe_path):
         raise click.UsageError("give exactly one of --model NAME or --recipe FILE.toml")
     try:
@@ -125,8 +125,15 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sit
                   if v is not None}
         sites = _parse_site_overrides(site_overrides)
         recipe.with_settings(common, sites)              # validates every value
+        found = installed_module(recipe)
+        source_install = found is not None and found != recipe.module
+        if found is not None:
+            recipe = for_module(recipe, found)
         version, ok = version_status(recipe)
-        if recipe.package and (version is None or not ok):
+        if source_install:
+            click.echo(f"note: {found} is a source install of {recipe.name}; its version is not "
+                       f"checked", err=True)
+        elif recipe.package and (version is None or not ok):
             what = (f"{recipe.package} is not installed" if version is None else
                     f"{recipe.package} {version} is outside the supported range {recipe.versions}")
             if not force:

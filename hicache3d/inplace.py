@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from ._bootstrap import CONFIG_NAME, PTH_NAME, read_config
 from .mesh import atomic_write
 from .patching import Controller
-from .recipe import Recipe, RecipeError, get_recipe, version_status
+from .recipe import Recipe, RecipeError, for_module, get_recipe, version_status
 
 __all__ = ["InPlaceError", "target_dir", "write_patch", "remove_patch", "read_patches",
            "install_entry", "inplace_controllers"]
@@ -111,8 +111,10 @@ def install_entry(name: str, entry: Mapping[str, Any]) -> Controller:
     if name in inplace_controllers:
         return inplace_controllers[name]
     recipe = get_recipe(entry["recipe"]).with_settings(entry.get("settings", {}), entry.get("sites", {}))
+    source_install = entry["module"] != recipe.module      # an alternative module name
+    recipe = for_module(recipe, entry["module"])
     version, ok = version_status(recipe)
-    if recipe.package and version is not None and not ok:
+    if recipe.package and version is not None and not ok and not source_install:
         msg = f"{recipe.package} {version} is outside the supported range {recipe.versions}"
         if not entry.get("force"):
             raise RecipeError(msg + " (patch with --force to try anyway)")

@@ -73,6 +73,7 @@ class Recipe:
     weights_subfolder: Optional[str] = None
     description: str = ""
     source: str = ""
+    alt_modules: Tuple[str, ...] = ()    # the same code under other module names
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def site(self, name: str) -> SiteSpec:
@@ -141,12 +142,15 @@ def parse_recipe(data: Mapping[str, Any], source: str = "") -> Recipe:
                               step=table.get("step"), t_arg=table.get("t_arg"),
                               description=table.get("description", ""), options=dict(options)))
     known = {"name", "adapter", "module", "sites", "package", "versions", "run", "weights",
-             "weights_subfolder", "description"}
+             "weights_subfolder", "description", "alt_modules"}
+    alt = data.get("alt_modules", [])
+    if not (isinstance(alt, list) and all(isinstance(m, str) for m in alt)):
+        raise RecipeError(f"recipe {data['name']!r}{where}: alt_modules must be a list of module names")
     return Recipe(name=data["name"], adapter=data["adapter"], module=data["module"],
                   sites=tuple(sites), package=data.get("package"),
                   versions=data.get("versions", ""), run=data.get("run"),
                   weights=data.get("weights"), weights_subfolder=data.get("weights_subfolder"),
-                  description=data.get("description", ""), source=source,
+                  description=data.get("description", ""), source=source, alt_modules=tuple(alt),
                   extra={k: v for k, v in data.items() if k not in known})
 
 
@@ -245,6 +249,27 @@ def version_in_range(version: str, spec: str) -> bool:
         else:
             raise RecipeError(f"cannot read version clause {clause!r}")
     return True
+
+
+def installed_module(recipe: Recipe) -> Optional[str]:
+    """The first of the recipe's module names whose top-level package is importable."""
+    from importlib.util import find_spec
+    for mod in (recipe.module,) + tuple(recipe.alt_modules):
+        try:
+            if find_spec(mod.split(".")[0]) is not None:
+                return mod
+        except (ImportError, ValueError):
+            continue
+    return None
+
+
+def for_module(recipe: Recipe, module: str) -> Recipe:
+    """The recipe targeting ``module`` (one of its module names)."""
+    if module == recipe.module:
+        return recipe
+    if module not in recipe.alt_modules:
+        raise RecipeError(f"recipe {recipe.name!r} does not target module {module!r}")
+    return dataclasses.replace(recipe, module=module)
 
 
 def version_status(recipe: Recipe) -> Tuple[Optional[str], bool]:

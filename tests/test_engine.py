@@ -287,3 +287,18 @@ def test_force_patches_a_missing_generator_with_a_warning(venv):
     assert "hunyuan3d-2.1" in st.stdout and "forced" in st.stdout
     r = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','unpatch','--model','nope']; main()")
     assert r.returncode != 0 and "not patched: nope" in r.stderr
+
+
+def test_alternative_module_name_is_patched_in_place(toy, venv):
+    """A recipe may name the same code under other module names (a source install of a
+    generator vs its PyPI packaging); `patch` targets the one that is installed."""
+    mod, recipe = toy
+    alt = recipe.parent / "alt.toml"
+    alt.write_text(RECIPE.replace('module = "toy_sampler_mod"',
+                                  'module = "not_installed_mod.sampler"\nalt_modules = ["toy_sampler_mod"]'))
+    child = CHILD.format(src=str(recipe.parent))
+    r = run_py(venv, f"import sys; sys.path.insert(0, {str(recipe.parent)!r}); from hicache3d.cli import main; "
+                     f"sys.argv=['hicache3d','patch','--recipe',{str(alt)!r}]; main()")
+    assert r.returncode == 0, r.stderr
+    assert "source install" in r.stderr
+    assert "CALLS 6" in run_py(venv, child).stdout
