@@ -132,7 +132,7 @@ def _rates(lam: np.ndarray, spacing: float) -> np.ndarray:
     return np.where(small, _ZERO_RATE / abs(spacing), mu)
 
 
-def _varpro(Y: np.ndarray, t: np.ndarray, mu0: np.ndarray, iters: int = 40) -> Tuple[np.ndarray, np.ndarray, float]:
+def _varpro(Y: np.ndarray, t: np.ndarray, mu0: np.ndarray, iters: int = 25) -> Tuple[np.ndarray, np.ndarray, float]:
     """Levenberg-Marquardt on the variable-projection residual ``Y - B(mu) E(mu)``.
 
     Returns ``(mu, B, relative residual)``; ``B`` holds the amplitudes at ``t[-1]``."""
@@ -189,7 +189,7 @@ def _varpro(Y: np.ndarray, t: np.ndarray, mu0: np.ndarray, iters: int = 40) -> T
                 improved = True
                 break
             damp *= 10.0
-        if not improved or rel_gain < 1e-12:
+        if not improved or rel_gain < 1e-8:
             break
     return mu / scale, B, float(np.sqrt(f))
 
