@@ -95,21 +95,30 @@ def enable(pipeline: Any, recipe: Union[str, Recipe, None] = None, *,
     try:
         adapter.install_object(pipeline, controller)
     except Exception:
-        controller.remove_patches()
-        _instance_controllers.pop(pipeline, None)
+        _forget(controller)
         raise
+    # the adapter may have registered the samplers the pipeline holds; the pipeline itself
+    # is registered too, so that disable(pipeline) finds and undoes everything
+    _instance_controllers.setdefault(pipeline, controller)
     handle = Acceleration(pipeline, recipe, controller)
     controller.handle = handle
     return handle
 
 
-def disable(pipeline: Any) -> Optional[Acceleration]:
-    """Undo :func:`enable`: the pipeline is restored exactly."""
-    controller = _instance_controllers.pop(pipeline, None)
-    if controller is None:
-        return None
+def _forget(controller: Controller) -> None:
+    """Remove every patch of ``controller`` and every object registered with it."""
     controller.enabled = False
     controller.remove_patches()
+    for obj in [o for o, c in list(_instance_controllers.items()) if c is controller]:
+        _instance_controllers.pop(obj, None)
+
+
+def disable(pipeline: Any) -> Optional[Acceleration]:
+    """Undo :func:`enable`: the pipeline (and every sampler it holds) is restored exactly."""
+    controller = _instance_controllers.get(pipeline)
+    if controller is None:
+        return None
+    _forget(controller)
     return getattr(controller, "handle", None)
 
 

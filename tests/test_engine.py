@@ -302,3 +302,27 @@ def test_alternative_module_name_is_patched_in_place(toy, venv):
     assert r.returncode == 0, r.stderr
     assert "source install" in r.stderr
     assert "CALLS 6" in run_py(venv, child).stdout
+
+
+def test_pipeline_holding_a_sampler_is_fully_restored(toy):
+    """accelerate(holder) patches the sampler the holder carries; leaving the block must
+    restore that sampler too (it is what actually runs)."""
+    mod, recipe = toy
+
+    class Holder:
+        def __init__(self):
+            self.sampler = mod.ToySampler()
+
+    h = Holder()
+    with hicache3d.accelerate(h, str(recipe)) as run:
+        h.sampler.calls = 0
+        h.sampler.sample(x0())
+        assert h.sampler.calls == 6
+    assert type(h.sampler) is mod.ToySampler
+    h.sampler.calls = 0
+    h.sampler.sample(x0())
+    assert h.sampler.calls == 12
+    with hicache3d.accelerate(h, str(recipe), interval=4):       # and again, new settings
+        h.sampler.calls = 0
+        h.sampler.sample(x0())
+        assert h.sampler.calls == 5

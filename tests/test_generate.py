@@ -129,3 +129,17 @@ def test_compare_cli_json(tmp_path):
     assert 0 < d["iou"] < 1 and 0 < d["fscore"] < 1 and d["tau"] == 0.05
     r = CliRunner().invoke(main, ["compare", str(a), str(tmp_path / "missing.glb")])
     assert r.exit_code != 0 and "does not exist" in r.output
+
+
+def test_bundled_generator_is_restored_after_accelerate():
+    import hicache3d
+    from hicache3d.bundled.generator import BundledGenerator
+    from hicache3d.bundled import shapes
+    gen = BundledGenerator.from_pretrained()
+    cond = shapes.make_example("held_out", 1)[1]
+    ref = gen(cond, steps=8)
+    with hicache3d.accelerate(gen, "bundled", interval=3) as run:
+        fast = gen(cond, steps=8)
+    assert fast.network_forwards < ref.network_forwards
+    again = gen(cond, steps=8)
+    assert again.network_forwards == ref.network_forwards and torch.equal(again.latent, ref.latent)
