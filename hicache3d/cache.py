@@ -104,7 +104,6 @@ class VelocityCache:
         self._since_compute = 0
         self.stats = CacheStats()
         self.forecaster.reset()
-        self._fstats_base = self.forecaster.stats.as_dict()
 
     def reset(self, num_steps: Optional[int] = None) -> None:
         """Start a new run (the previous run's stats move to :attr:`runs`)."""

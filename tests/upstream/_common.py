@@ -96,3 +96,47 @@ def rerandomize_zero_params(module: torch.nn.Module, generator: torch.Generator,
 
 def ensure_installed(name: str) -> Path:
     return install.ensure(name)
+
+
+def keep_spconv_in_train_mode(model: torch.nn.Module) -> None:
+    """spconv's CPU kernels reject a fused bias, which it uses in eval mode only.
+
+    In train mode spconv adds the bias as a separate op (same result).  The conv
+    submodules are pinned to ``training=True`` even when ``model.eval()`` is called later
+    (they have no dropout / batch-norm, so this changes nothing else).
+    """
+    import types
+
+    import spconv.pytorch as spc
+
+    def _train(self, mode=True):
+        self.training = True
+        return self
+
+    for m in model.modules():
+        if isinstance(m, spc.conv.SparseConvolution):
+            m.training = True
+            m.train = types.MethodType(_train, m)
+
+
+def prepare_trellis_package(name: str, family: str, env: dict) -> Path:
+    """Make the install ``name`` (both TRELLIS v1 and TRELLIS.2 are packaged as ``trellis``)
+    importable: refuse if the other one is already imported, put it first on ``sys.path``,
+    set ``env``, and register empty ``trellis`` / ``trellis.pipelines`` packages so their
+    heavy ``__init__`` (renderers, CUDA decoders) is skipped.  Returns the install folder."""
+    import os
+
+    from . import _standins
+    target = ensure_installed(name)
+    pkg = target / "trellis"
+
+    def is_other(mod) -> bool:
+        path = list(getattr(mod, "__path__", []) or [])
+        return bool(path) and Path(path[0]).resolve() != pkg.resolve()
+
+    reject_modules(family, {"trellis": is_other})
+    prepend_sys_path(target)
+    os.environ.update(env)
+    _standins.empty_package("trellis", pkg)
+    _standins.empty_package("trellis.pipelines", pkg / "pipelines")
+    return target

@@ -35,14 +35,14 @@ feats [1, N, 8] [same]; condition 16 tokens x 32 [DINO tokens x 1024].
 from __future__ import annotations
 
 import os
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import _standins
-from ._common import count_calls, ensure_installed, prepend_sys_path, rerandomize_zero_params
+from ._common import (count_calls, ensure_installed, keep_spconv_in_train_mode, prepend_sys_path,
+                      rerandomize_zero_params)
 
 __all__ = [
     "activate", "build_ss_generator", "build_slat_generator", "make_cond", "make_coords", "ss_latent_shape",
@@ -100,21 +100,6 @@ def activate() -> Path:
         import sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_flow  # noqa: F401
     _ACTIVE = target
     return target
-
-
-def _keep_spconv_in_train_mode(model) -> None:
-    """spconv's CPU kernels reject the fused bias it uses in eval mode; pin its convs to train mode
-    (bias then added separately; no dropout / norm inside those modules)."""
-    import spconv.pytorch as spc
-
-    def _train(self, mode=True):
-        self.training = True
-        return self
-
-    for m in model.modules():
-        if isinstance(m, spc.conv.SparseConvolution):
-            m.training = True
-            m.train = types.MethodType(_train, m)
 
 
 def _seeded(seed: int, ctor):
@@ -197,7 +182,7 @@ def build_slat_generator(seed: int = 0, *, steps: int = PIPELINE_DEFAULTS["slat"
                         solver_method="euler")
 
     gen = _seeded(seed, ctor).eval()
-    _keep_spconv_in_train_mode(gen)
+    keep_spconv_in_train_mode(gen)
     return gen
 
 

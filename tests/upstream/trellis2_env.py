@@ -27,14 +27,13 @@ All use rotary position encoding, shared adaLN and QK RMS norm as the published 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import _standins
-from ._common import count_calls, ensure_installed, prepend_sys_path, rerandomize_zero_params, reject_modules
+from ._common import count_calls, prepare_trellis_package, rerandomize_zero_params
 
 __all__ = [
     "activate", "build_ss_flow", "build_shape_flow", "build_tex_flow", "make_sampler", "make_cond",
@@ -72,28 +71,12 @@ ENV = {
 _ACTIVE = None
 
 
-def _target_pkg() -> Path:
-    return ensure_installed("trellis2") / "trellis"
-
-
-def _is_other(mod) -> bool:
-    path = list(getattr(mod, "__path__", []) or [])
-    return bool(path) and Path(path[0]).resolve() != _target_pkg().resolve()
-
-
 def activate() -> Path:
     """Install (once) and import the TRELLIS.2 samplers/models; returns the install folder."""
     global _ACTIVE
     if _ACTIVE is not None:
         return _ACTIVE
-    reject_modules("TRELLIS.2", {"trellis": _is_other})
-    target = ensure_installed("trellis2")
-    prepend_sys_path(target)
-    for key, value in ENV.items():
-        os.environ[key] = value
-    pkg = target / "trellis"
-    _standins.empty_package("trellis", pkg)
-    _standins.empty_package("trellis.pipelines", pkg / "pipelines")
+    target = prepare_trellis_package("trellis2", "TRELLIS.2", ENV)
     _standins.install_flash_attn()
     import trellis.pipelines.samplers  # noqa: F401
     import trellis.models.sparse_structure_flow  # noqa: F401

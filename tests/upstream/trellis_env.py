@@ -21,15 +21,14 @@ patch 2 [2], 8 feature channels [8]; condition 16 tokens x 32 [1374 x 1024].
 
 from __future__ import annotations
 
-import os
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import _standins
-from ._common import count_calls, ensure_installed, prepend_sys_path, rerandomize_zero_params, reject_modules
+from ._common import (count_calls, keep_spconv_in_train_mode, prepare_trellis_package,
+                      rerandomize_zero_params)
 
 __all__ = [
     "activate", "build_ss_flow", "build_slat_flow", "make_sampler", "make_cond", "make_ss_noise",
@@ -63,28 +62,12 @@ ENV = {
 _ACTIVE = None
 
 
-def _target_pkg() -> Path:
-    return ensure_installed("trellis") / "trellis"
-
-
-def _is_other(mod) -> bool:
-    path = list(getattr(mod, "__path__", []) or [])
-    return bool(path) and Path(path[0]).resolve() != _target_pkg().resolve()
-
-
 def activate() -> Path:
     """Install (once) and import the TRELLIS v1 samplers/models; returns the install folder."""
     global _ACTIVE
     if _ACTIVE is not None:
         return _ACTIVE
-    reject_modules("TRELLIS v1", {"trellis": _is_other})
-    target = ensure_installed("trellis")
-    prepend_sys_path(target)
-    for key, value in ENV.items():
-        os.environ[key] = value
-    pkg = target / "trellis"
-    _standins.empty_package("trellis", pkg)
-    _standins.empty_package("trellis.pipelines", pkg / "pipelines")
+    target = prepare_trellis_package("trellis", "TRELLIS v1", ENV)
     # The sparse attention modules bind ``flash_attn`` at import time; the stand-in is only
     # needed while they are imported (transformers, for one, probes sys.modules for it).
     with _standins.flash_attn_installed():
@@ -126,25 +109,6 @@ def build_ss_flow(seed: int = 0, **overrides):
     return _seeded_build(seed, lambda: SparseStructureFlowModel(**kw))
 
 
-def _keep_spconv_in_train_mode(model) -> None:
-    """spconv's CPU kernels reject a fused bias, which it uses in eval mode only.
-
-    In train mode spconv adds the bias as a separate op (same result).  The conv
-    submodules are pinned to ``training=True`` even when ``model.eval()`` is called later
-    (they have no dropout / batch-norm, so this changes nothing else).
-    """
-    import spconv.pytorch as spc
-
-    def _train(self, mode=True):
-        self.training = True
-        return self
-
-    for m in model.modules():
-        if isinstance(m, spc.conv.SparseConvolution):
-            m.training = True
-            m.train = types.MethodType(_train, m)
-
-
 def build_slat_flow(seed: int = 0, **overrides):
     """Tiny ``trellis.models.structured_latent_flow.SLatFlowModel`` (eval mode, spconv convs pinned to train).
 
@@ -162,7 +126,7 @@ def build_slat_flow(seed: int = 0, **overrides):
               io_block_channels=[32], pe_mode="ape", qk_rms_norm=True)
     kw.update(overrides)
     model = _seeded_build(seed, lambda: SLatFlowModel(**kw))
-    _keep_spconv_in_train_mode(model)
+    keep_spconv_in_train_mode(model)
     return model
 
 
