@@ -166,8 +166,10 @@ def test_nonfinite_snapshot_is_dropped_and_counted():
     fc = make_forecaster("dmd", history=4)
     fc.push(0, torch.ones(1, 3))
     fc.push(1, torch.tensor([[1.0, float("nan"), 0.0]]))
-    assert not fc.ready()
-    assert len(fc) == 0 and fc.stats.restarts["nonfinite_snapshot"] == 1
+    assert fc.ready()                                  # the good snapshot is kept
+    assert len(fc) == 1 and fc.stats.restarts["nonfinite_snapshot"] == 1
+    fc.push(2, torch.tensor([[float("nan"), 0.0, 0.0]]))
+    assert fc.ready() and len(fc) == 1
 
 
 def test_cache_computes_when_the_history_was_dropped():
@@ -178,11 +180,9 @@ def test_cache_computes_when_the_history_was_dropped():
     def net(i, v):
         calls.append(i)
         return v
-    cache.step(0, lambda: net(0, torch.ones(1, 3)))                    # computed
-    cache.step(1, lambda: net(1, torch.ones(1, 3)))                    # forecast
-    cache.step(2, lambda: net(2, torch.full((1, 3), float("nan"))))    # computed, not finite
-    out = cache.step(3, lambda: net(3, torch.full((1, 3), 2.0)))       # history dropped: computed
-    assert calls == [0, 2, 3] and torch.equal(out, torch.full((1, 3), 2.0))
+    cache.step(0, lambda: net(0, torch.full((1, 3), float("nan"))))    # computed, not finite
+    out = cache.step(1, lambda: net(1, torch.full((1, 3), 2.0)))       # nothing usable: computed
+    assert calls == [0, 1] and torch.equal(out, torch.full((1, 3), 2.0))
     assert cache.stats.restarts["nonfinite_snapshot"] == 1
 
 

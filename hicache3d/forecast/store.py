@@ -40,7 +40,9 @@ class _Leaf:
     shape: Tuple[int, ...]            # original leaf shape
     batch_dim: Optional[int]          # dense batch axis (moved to the front), or None
     row_items: Optional[torch.Tensor]  # sparse: item index per row (long), else None
-    amax: np.ndarray                  # per slot max |value| (overflow guard for fp16/bf16)
+    amax: torch.Tensor                # per slot max |value| (overflow guard for fp16/bf16), on
+                                      # the data's device: pushes never wait for the host
+    amax_host: np.ndarray             # its copy on the host, brought up to date by finalize()
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class SnapshotStore:
                               dtype=t.dtype, device=t.device)
             self._leaves.append(_Leaf(buf, tuple(t.shape), bd,
                                       row_items.to(t.device) if row_items is not None else None,
+                                      torch.zeros(self.capacity, dtype=torch.float32, device=t.device),
                                       np.zeros(self.capacity)))
         self.spec = spec
         self._order, self._times = [], [0.0] * self.capacity
@@ -166,6 +169,9 @@ class SnapshotStore:
         for t in leaves:
             if not t.is_floating_point():
                 raise TypeError(f"velocity leaves must be floating point tensors, got {t.dtype}")
+            if t.numel() == 0:
+                raise ValueError(f"velocity leaf of shape {tuple(t.shape)} is empty: there is "
+                                 "nothing to cache or forecast")
         restarted = None
         if self.spec is None:
             self._start(leaves, spec)
@@ -176,12 +182,13 @@ class SnapshotStore:
             restarted = "structure_changed" if self._order else None
             self._start(leaves, spec)
 
-        slot = len(self._order) if len(self._order) < self.capacity else self._order[0]
+        slot = self._free_slot()
         for t, leaf, info in zip(leaves, self._leaves, spec.leaves):
             leaf.buf[:, slot].copy_(self._rows_view(t, leaf.batch_dim, info.sparse))
             if t.dtype in _LOW_PRECISION:
-                col = leaf.buf[:, slot]
-                leaf.amax[slot] = max(abs(float(col.amax())), abs(float(col.amin())))
+                # stays on the device (no host round trip on a computed step)
+                leaf.amax[slot] = torch.linalg.vector_norm(leaf.buf[:, slot], float("inf"),
+                                                           dtype=torch.float32)
         if slot in self._order:
             self._order.remove(slot)
         self._order.append(slot)
@@ -190,16 +197,25 @@ class SnapshotStore:
         self.version += 1
         return PushResult(restarted=restarted, accepted=True)
 
+    def _free_slot(self) -> int:
+        """The buffer slot of the next snapshot: a free one (never used, or freed by a
+        dropped snapshot), else the oldest snapshot's."""
+        if len(self._order) < self.capacity:
+            used = set(self._order)
+            return next(s for s in range(self.capacity) if s not in used)
+        return self._order[0]
+
     def finalize(self) -> Optional[str]:
         """Bring the Gram matrix up to date with the snapshots pushed since the last call
-        (one batched product per leaf; deferred so computed steps only copy).  Returns
-        ``"nonfinite_snapshot"`` if a pending snapshot was not finite: the history is then
-        dropped, since it would poison every later forecast."""
+        (one batched product per leaf, one transfer to the host; deferred so computed steps
+        only copy).  Returns ``"nonfinite_snapshot"`` if a pending snapshot was not finite:
+        that snapshot alone is dropped (its slot zeroed and freed), every other one is
+        kept."""
         if not self._pending:
             return None
         pend = sorted(self._pending)
         self._pending.clear()
-        dots = np.zeros((self.items, self.capacity, len(pend)), dtype=np.float64)
+        dev_dots = {}
         for leaf in self._leaves:
             d = self._dots(leaf.buf, pend)                             # [rows, cap, p]
             if leaf.row_items is not None:
@@ -209,17 +225,38 @@ class SnapshotStore:
                 d = acc
             elif d.shape[0] != self.items:                             # unbatched leaf
                 d = d.sum(0, keepdim=True).expand(self.items, -1, -1)
-            dots += d.cpu().numpy()
+            prev = dev_dots.get(d.device)
+            dev_dots[d.device] = d if prev is None else prev + d
+        # one host transfer per device: the Gram columns and the low-precision maxima
+        dots = np.zeros((self.items, self.capacity, len(pend)), dtype=np.float64)
+        low = [l for l in self._leaves if l.buf.dtype in _LOW_PRECISION]
+        for dev, d in dev_dots.items():
+            parts = [d.reshape(-1)] + [l.amax.to(torch.float64) for l in low if l.amax.device == dev]
+            host = torch.cat(parts).cpu().numpy()
+            dots += host[:d.numel()].reshape(dots.shape)
+            off = d.numel()
+            for l in [l for l in low if l.amax.device == dev]:
+                l.amax_host = host[off:off + self.capacity].copy()
+                off += self.capacity
         diag = dots[:, pend, np.arange(len(pend))]
-        if not np.all(np.isfinite(diag)):
-            self._order, self.spec = [], None
-            self.version += 1
-            return "nonfinite_snapshot"
+        bad = [s for k, s in enumerate(pend) if not np.all(np.isfinite(diag[:, k]))]
         g = self._gram
         for k, s in enumerate(pend):
-            g[:, s, :] = dots[:, :, k]
-            g[:, :, s] = dots[:, :, k]
-        return None
+            if s not in bad:
+                g[:, s, :] = dots[:, :, k]
+                g[:, :, s] = dots[:, :, k]
+        if not bad:
+            return None
+        for s in bad:
+            self._order.remove(s)
+            g[:, s, :] = 0.0
+            g[:, :, s] = 0.0
+            for leaf in self._leaves:
+                leaf.buf[:, s].zero_()                  # a weight of 0 must not meet a NaN
+                leaf.amax[s] = 0.0
+                leaf.amax_host[s] = 0.0
+        self.version += 1
+        return "nonfinite_snapshot"
 
     @staticmethod
     def _dots(buf: torch.Tensor, slots: List[int]) -> torch.Tensor:
@@ -265,7 +302,7 @@ class SnapshotStore:
         bound = 0.0
         for leaf in self._leaves:
             if leaf.buf.dtype in _LOW_PRECISION:
-                bound = max(bound, float(np.max(np.abs(slot_w) @ leaf.amax)))
+                bound = max(bound, float(np.max(np.abs(slot_w) @ leaf.amax_host)))
         return bound
 
     def low_precision_max(self) -> float:

@@ -1,0 +1,95 @@
+"""Forecast core: robustness to bad snapshots, config checks, exactness on short irregular
+windows, and the data-chosen exponential rank."""
+import numpy as np
+import pytest
+import torch
+
+from hicache3d import CacheConfig, VelocityCache
+from hicache3d.forecast import fit_exponential, make_forecaster
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------- non-finite snapshots
+@pytest.mark.parametrize("backend", ["reuse", "taylor", "hermite", "dmd", "auto"])
+def test_one_nonfinite_snapshot_drops_only_itself(backend):
+    torch.manual_seed(0)
+    base = torch.randn(2, 64)
+    fc = make_forecaster(backend, history=6)
+    for t in range(6):
+        v = base * (0.9 ** t)
+        if t == 2:
+            v = v.clone()
+            v[1, 3] = float("inf")
+        fc.push(t, v)
+    out = fc.predict(6.0)
+    assert len(fc) == 5 and fc.stats.restarts["nonfinite_snapshot"] == 1
+    assert 2.0 not in list(fc.store.times)
+    assert torch.isfinite(out).all()
+    # forecast from the five good snapshots equals the forecast of a clean history of them
+    ref = make_forecaster(backend, history=6)
+    for t in (0, 1, 3, 4, 5):
+        ref.push(t, base * (0.9 ** t))
+    assert torch.allclose(out, ref.predict(6.0), rtol=1e-5, atol=1e-6)
+
+
+def test_slot_of_a_dropped_snapshot_is_reused_without_overwriting_live_ones():
+    fc = make_forecaster("reuse", history=4)
+    fc.push(0, torch.full((1, 3), 1.0))
+    fc.push(1, torch.full((1, 3), float("nan")))
+    fc.push(2, torch.full((1, 3), 3.0))
+    assert fc.ready() and list(fc.store.times) == [0.0, 2.0]
+    fc.push(3, torch.full((1, 3), 4.0))
+    assert list(fc.store.times) == [0.0, 2.0, 3.0]
+    assert torch.equal(fc.predict(4.0), torch.full((1, 3), 4.0))
+    w = np.zeros((1, 3))
+    w[0] = [1.0, 0.0, 0.0]
+    assert torch.equal(fc.store.combine(w), torch.full((1, 3), 1.0))
+
+
+def test_predict_raises_only_when_no_snapshot_is_usable():
+    fc = make_forecaster("dmd", history=4)
+    fc.push(0, torch.full((1, 3), float("nan")))
+    with pytest.raises(RuntimeError, match="no usable snapshot"):
+        fc.predict(1.0)
+    fc.push(1, torch.ones(1, 3))
+    assert torch.equal(fc.predict(2.0), torch.ones(1, 3))
+
+
+def test_nan_from_the_network_costs_only_that_step():
+    cache = VelocityCache(CacheConfig(backend="taylor", order=1, interval=2, first_enhance=2))
+    calls = []
+
+    def net(i):
+        calls.append(i)
+        if i == 3:
+            return torch.full((1, 3), float("nan"))
+        return torch.full((1, 3), float(i))
+    outs = [cache.step(i, lambda i=i: net(i)) for i in range(8)]
+    # schedule: computed 0, 1, 3, 5, 7; the NaN at step 3 is that step's own output
+    assert calls == [0, 1, 3, 5, 7]
+    for i in (2, 4, 6):
+        assert torch.isfinite(outs[i]).all()
+    assert cache.stats.restarts["nonfinite_snapshot"] == 1
+    assert torch.allclose(outs[4], torch.full((1, 3), 4.0))     # linear from 0, 1 (3 dropped)
+    assert torch.allclose(outs[6], torch.full((1, 3), 6.0))     # linear from 1, 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_nonfinite_snapshot_dropped(dtype):
+    fc = make_forecaster("taylor", history=4, order=1)
+    fc.push(0, torch.full((1, 8), 1.0, dtype=dtype))
+    fc.push(1, torch.full((1, 8), float("inf"), dtype=dtype))
+    fc.push(2, torch.full((1, 8), 3.0, dtype=dtype))
+    out = fc.predict(3.0)
+    assert out.dtype == dtype and torch.allclose(out.float(), torch.full((1, 8), 4.0))
+
+
+def test_empty_velocity_is_a_clear_error():
+    fc = make_forecaster("dmd", history=4)
+    with pytest.raises(ValueError, match="empty"):
+        fc.push(0, torch.zeros(0, 5))
+    with pytest.raises(ValueError, match="empty"):
+        fc.push(0, {"a": torch.ones(2, 3), "b": torch.zeros(2, 0)})
