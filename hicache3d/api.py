@@ -71,8 +71,8 @@ class Acceleration:
 
 def _settings(recipe: Recipe, settings: Mapping[str, Any],
               sites: Optional[Mapping[str, Mapping[str, Any]]]) -> Recipe:
-    common = {k: v for k, v in settings.items() if v is not None}
-    return recipe.with_settings(common, sites or {})
+    # None is a meaningful value of some settings (batch_dim=None: one item; num_steps)
+    return recipe.with_settings(dict(settings), sites or {})
 
 
 def enable(pipeline: Any, recipe: Union[str, Recipe, None] = None, *,

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["CacheConfig", "validate_forecast_options"]
+__all__ = ["CacheConfig", "validate_forecast_options", "min_history"]
 
 _BACKENDS = ("reuse", "taylor", "hermite", "dmd", "auto")
 _BASES = ("reuse", "taylor", "hermite", "dmd")
@@ -44,6 +44,22 @@ def validate_forecast_options(*, backend: str, history: int, order: int, sigma: 
     _check(len(candidate_damping) > 0 and all(_is_num(d) and 0 <= d <= 1 for d in candidate_damping),
            "candidate_damping", "a non-empty list of numbers in [0, 1]", candidate_damping)
     _check(_is_int(holdouts) and 1 <= holdouts <= 8, "holdouts", "an integer in [1, 8]", holdouts)
+    # a history too short for the basis would silently serve a fallback on every step
+    bases = list(candidates) if backend == "auto" else [backend]
+    for b in bases:
+        need, why = min_history(b, order)
+        if history < need:
+            what = f"backend {backend!r}" + (f" (candidate {b!r})" if backend == "auto" else "")
+            raise ValueError(f"history must be >= {need} for {what}: {why}; got history={history}")
+
+
+def min_history(basis: str, order: int = 1) -> Tuple[int, str]:
+    """Fewest snapshots ``basis`` needs to serve a forecast at all, and why."""
+    if basis == "dmd":
+        return 3, "an exponential fit needs at least 3 snapshots"
+    if basis in ("taylor", "hermite"):
+        return order + 1, f"order {order} needs {order + 1} snapshots"
+    return 1, ""
 
 
 @dataclass(frozen=True)

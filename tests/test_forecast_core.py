@@ -93,3 +93,44 @@ def test_empty_velocity_is_a_clear_error():
         fc.push(0, torch.zeros(0, 5))
     with pytest.raises(ValueError, match="empty"):
         fc.push(0, {"a": torch.ones(2, 3), "b": torch.zeros(2, 0)})
+
+
+# ---------------------------------------------------------------- configs
+@pytest.mark.parametrize("kw,need", [
+    (dict(backend="dmd", history=1), 3), (dict(backend="dmd", history=2), 3),
+    (dict(backend="taylor", order=2, history=2), 3), (dict(backend="hermite", order=3, history=3), 4),
+    (dict(backend="auto", history=2), 3),
+    (dict(backend="auto", candidates=("reuse", "taylor"), order=2, history=2), 3),
+])
+def test_configs_that_cannot_serve_their_basis_are_rejected(kw, need):
+    with pytest.raises(ValueError, match=f"history must be >= {need}"):
+        CacheConfig(**kw)
+    with pytest.raises(ValueError, match=f"history must be >= {need}"):
+        make_forecaster(kw.pop("backend"), **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(backend="dmd", history=3), dict(backend="taylor", order=2, history=3),
+                                dict(backend="reuse", history=1),
+                                dict(backend="auto", candidates=("reuse", "hermite"), history=2)])
+def test_configs_that_can_serve_their_basis_are_accepted(kw):
+    CacheConfig(**kw)
+
+
+# ---------------------------------------------------------------- accelerate(..., None)
+def test_accelerate_honours_settings_whose_value_is_none():
+    import hicache3d
+    from hicache3d.bundled.generator import BundledGenerator
+    gen = BundledGenerator.from_pretrained()
+    with hicache3d.accelerate(gen, "bundled", batch_dim=None, num_steps=None) as run:
+        cfg = run.recipe.site("sparse_structure").config
+    assert cfg.batch_dim is None and cfg.num_steps is None
+    with hicache3d.accelerate(gen, "bundled") as run:
+        assert run.recipe.site("sparse_structure").config.batch_dim == 0
+    cond = torch.zeros(2, 2, 64, 64)
+    cond[0, :, 20:40, 20:40] = 1.0
+    cond[1, :, 10:30, 25:50] = 1.0
+    with hicache3d.accelerate(gen, "bundled", backend="dmd", interval=4, batch_dim=None) as run:
+        joint = gen(cond, steps=12, seed=0).latent
+    with hicache3d.accelerate(gen, "bundled", backend="dmd", interval=4) as run:
+        per_item = gen(cond, steps=12, seed=0).latent
+    assert not torch.equal(joint, per_item)
