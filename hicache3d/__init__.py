@@ -21,6 +21,7 @@ _LAZY = {
     "enable": "hicache3d.api",
     "disable": "hicache3d.api",
     "uncached": "hicache3d.patching",
+    "generate_folder": "hicache3d.folder",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
