@@ -20,6 +20,8 @@ _LAZY = {
     "accelerate": "hicache3d.api",
     "enable": "hicache3d.api",
     "disable": "hicache3d.api",
+    "uncached": "hicache3d.patching",
+    "generate_folder": "hicache3d.folder",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -210,81 +210,145 @@ def recipes_cmd():
         click.echo(f"{name:18s} {state:40s} sites [{sites}]  {r.description}")
 
 
+_SEEDS = click.IntRange(0, 2 ** 63 - 1)
+
+
 @main.command("generate")
 @click.option("--image", "image", required=True, type=click.Path(path_type=Path),
-              help="Input PNG, or a folder of PNGs.")
+              help="Input image (PNG, JPEG or WebP), or a folder of them.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Output mesh (.glb .obj .ply .stl), or a folder when --image is a folder.")
 @click.option("--model", default="bundled", show_default=True,
               help="Recipe whose generator makes the mesh (see `hicache3d recipes`).")
-@click.option("--weights", help="Local weights folder (upstream models; default: the recipe's hub repo).")
+@click.option("--weights", help="Local weights: a folder for upstream models (default: the recipe's "
+                                "hub repo; wins over HY3DGEN_MODELS), a .safetensors file for the bundled one.")
 @click.option("--backend", type=_BACKENDS, help="Forecast basis (default: the recipe's).")
 @click.option("--interval", type=click.IntRange(1, 1000), help="Compute one step in N (default: the recipe's).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampling steps (default: the model's).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--no-cache", is_flag=True, help="Run the generator unaccelerated.")
-@click.option("--compare", "do_compare", is_flag=True, help="Also run uncached and report the drift.")
+@click.option("--seed", default=0, show_default=True, type=_SEEDS, help="Noise seed (0 to 2^63-1).")
+@click.option("--no-cache", is_flag=True, help="Run the generator unaccelerated (whatever is patched in place).")
+@click.option("--compare", "do_compare", is_flag=True,
+              help="Also run uncached (really uncached, whatever is patched) and report speed-up and drift.")
 @click.option("--format", "fmt", default="glb", show_default=True, type=click.Choice(["glb", "obj", "ply", "stl"]),
               help="Mesh format when writing into a folder.")
-def generate_cmd(image, out, model, weights, backend, interval, steps, seed, no_cache, do_compare, fmt):
+@click.option("--overwrite", is_flag=True,
+              help="Folder mode: regenerate meshes that already exist (default: skip them, so a rerun resumes).")
+def generate_cmd(image, out, model, weights, backend, interval, steps, seed, no_cache, do_compare, fmt,
+                 overwrite):
     """Make a mesh from an image (the bundled generator needs no GPU and no download).
+
+    A folder in and a folder out runs resumably: meshes that exist and load are
+    skipped, each image appends a record to OUT/records.jsonl, a summary goes to
+    OUT/summary.md, and a bad image is reported and skipped (exit status 1 at the
+    end).  Under torchrun or accelerate launch each process takes its share of the
+    images and runs on its own device; rank 0 prints the summary.
 
     \b
     Examples:
       hicache3d generate --image mug.png --out mug.glb
-      hicache3d generate --image mug.png --out mug.obj --backend dmd --interval 4 --compare
+      hicache3d generate --image mug.jpg --out mug.obj --backend dmd --interval 4 --compare
       hicache3d generate --image photos/ --out meshes/ --format ply
+      torchrun --nproc_per_node 4 -m hicache3d generate --image photos/ --out meshes/
     """
-    from .generate import GenerateError, Generator, check_image, list_images
-    from .mesh import MeshError, compare_meshes, export_mesh
+    from .generate import GenerateError
+    from .mesh import MeshError
     from .recipe import RecipeError
+    if no_cache and do_compare:
+        raise click.UsageError("--compare already runs the generator uncached next to the accelerated "
+                               "run; give --compare alone (or --no-cache alone for the uncached mesh only)")
+    settings = {k: v for k, v in dict(backend=backend, interval=interval).items() if v is not None}
     try:
-        images = list_images(image)
         if image.is_dir():
-            if out.suffix:
-                raise GenerateError(f"--image is a folder, so --out must be a folder, got {out}")
-            out.mkdir(parents=True, exist_ok=True)
-            targets = [out / f"{p.stem}.{fmt}" for p in images]
-        else:
-            from .mesh import _ext
-            _ext(out)
-            folder = out.parent if str(out.parent) else Path(".")
-            if not folder.is_dir():
-                raise GenerateError(f"cannot write {out}: folder {folder} does not exist")
-            if not os.access(folder, os.W_OK):
-                raise GenerateError(f"cannot write {out}: folder {folder} is not writable")
-            targets = [out]
-        for p in images:
-            check_image(p)
-        gen = Generator(model, weights)
-        gen.warmup()
-        settings = {k: v for k, v in dict(backend=backend, interval=interval).items() if v is not None}
-        for src, dst in zip(images, targets):
-            ref = None
-            if do_compare and not no_cache:
-                ref = gen.run(src, steps=steps, seed=seed, cache=False)
-            label = f"{src.name}" + ("" if no_cache else " (accelerated)")
-            with click.progressbar(length=steps or 25, label=label, show_pos=True,
-                                   file=sys.stderr) as bar:
-                def progress(i, n):
-                    bar.length = n
-                    bar.update(1)
-                res = gen.run(src, steps=steps, seed=seed, cache=not no_cache, settings=settings,
-                              progress=progress)
-            if res.mesh is None:
-                raise GenerateError(f"{src}: the generator produced no surface")
-            export_mesh(res.mesh, dst)
-            line = f"{dst}: {res.seconds:.2f} s, {res.network_calls} network calls"
-            if not no_cache:
-                line += f", {res.skipped_calls} skipped"
-            if ref is not None:
-                m = compare_meshes(res.mesh, ref.mesh)
-                line += (f"; uncached {ref.seconds:.2f} s, {ref.network_calls} calls: speed-up "
-                         f"{ref.seconds / max(res.seconds, 1e-9):.2f}x; vs uncached Chamfer "
-                         f"{m['chamfer']:.4f}, F@{m['tau']:g} {m['fscore']:.3f}, IoU {m['iou']:.3f}")
-            click.echo(line)
+            failed = _generate_folder_cli(image, out, model, weights, settings, steps, seed, no_cache,
+                                          do_compare, fmt, overwrite)
+            if failed:
+                raise click.exceptions.Exit(1)
+            return
+        _generate_one_cli(image, out, model, weights, settings, steps, seed, no_cache, do_compare)
     except (GenerateError, MeshError, RecipeError, ValueError) as e:
         raise click.ClickException(str(e))
+
+
+def _generate_one_cli(image, out, model, weights, settings, steps, seed, no_cache, do_compare):
+    from tqdm import tqdm
+
+    from .folder import ensure_writable_folder
+    from .generate import GenerateError, Generator, list_images, load_image
+    from .mesh import _ext, compare_meshes, export_mesh
+    list_images(image)
+    _ext(out)
+    if out.is_dir():
+        raise GenerateError(f"--out {out} is a folder; give a mesh file name such as {out / 'mesh.glb'} "
+                            f"(a folder --out needs a folder --image)")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise GenerateError(f"cannot write {out}: folder {folder} does not exist")
+    ensure_writable_folder(folder, f"cannot write {out}: folder")
+    img = load_image(image)                        # decoded once, untimed
+    gen = Generator(model, weights)
+    payload = gen.prepare(image, img)
+    gen.warmup()
+    ref = gen.run(payload, steps=steps, seed=seed, cache=False) if do_compare else None
+    label = image.name + ("" if no_cache else " (accelerated)")
+    with tqdm(total=steps or 0, desc=label, unit="step", file=sys.stderr, disable=None, leave=False) as bar:
+        def progress(i, n):
+            bar.total = n
+            bar.update(1)
+        res = gen.run(payload, steps=steps, seed=seed, cache=not no_cache, settings=settings,
+                      progress=progress)
+    if res.mesh is None:
+        raise GenerateError(f"{image}: the generator produced no surface")
+    export_mesh(res.mesh, out)
+    line = f"{out}: {res.seconds:.2f} s, {res.network_calls} network calls"
+    if not no_cache:
+        line += f", {res.skipped_calls} steps skipped"
+    if ref is not None:
+        m = compare_meshes(res.mesh, ref.mesh)
+        line += f"; uncached {ref.seconds:.2f} s, {ref.network_calls} network calls: "
+        if res.skipped_calls:
+            line += (f"speed-up {ref.seconds / max(res.seconds, 1e-9):.2f}x "
+                     f"({ref.network_calls / max(res.network_calls, 1):.2f}x fewer calls)")
+        else:
+            line += "no speed-up"
+        line += (f"; vs uncached Chamfer {m['chamfer']:.4f}, F@{m['tau']:g} {m['fscore']:.3f}, "
+                 f"IoU {m['iou']:.3f}")
+    click.echo(line)
+    if not no_cache and not res.skipped_calls:
+        click.echo("note: no step was skipped (the run is no longer than the warm-up and "
+                   "interval allow), so this mesh is the uncached computation; use more --steps "
+                   "or a smaller --interval", err=True)
+
+
+def _generate_folder_cli(image, out, model, weights, settings, steps, seed, no_cache, do_compare,
+                         fmt, overwrite) -> int:
+    """Folder mode; returns the number of failed images (of every process, on rank 0)."""
+    from .folder import ProcessGroup, generate_folder, launcher_env, write_summary
+    from .generate import GenerateError, default_device
+    if out.suffix and not out.is_dir():
+        raise GenerateError(f"--image is a folder, so --out must be a folder, got {out}")
+    rank, world, local = launcher_env()
+    device = default_device(local)
+    with ProcessGroup(rank, world, device) as pg:
+        res = generate_folder(image, out, model=model, weights=weights, settings=settings,
+                              steps=steps, seed=seed, fmt=fmt, cache=not no_cache,
+                              compare=do_compare, overwrite=overwrite, rank=rank,
+                              world_size=world, device=device, say=click.echo)
+        everyone = pg.gather(res)
+    if everyone is None:                             # not rank 0: its lines are printed
+        return res.failed
+    path = write_summary(everyone, out)
+    done = sum(r.done for r in everyone)
+    skipped = sum(r.skipped for r in everyone)
+    failed = sum(r.failed for r in everyone)
+    click.echo(f"{done} done, {skipped} skipped (already there; --overwrite regenerates), "
+               f"{failed} failed; records in {out / 'records.jsonl'}, summary in {path}")
+    if pg.note:
+        click.echo(f"note: {pg.note}", err=True)
+    for r in everyone:
+        for rec in r.records:
+            if rec["status"] == "failed":
+                click.echo(f"failed: {rec['error']}", err=True)
+    return failed
 
 
 @main.command("compare")
@@ -330,8 +394,9 @@ def _int_list(value: str):
               help="Folder of PNGs (default: the bundled generator's held-out shapes).")
 @click.option("--shapes", default=32, show_default=True, type=click.IntRange(1, 4096),
               help="Held-out shapes to use when no --images are given.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--out", default=Path("bench-results"), show_default=True, type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, type=_SEEDS)
+@click.option("--out", default=Path("bench-results"), show_default=True, type=click.Path(path_type=Path),
+              help="Folder for the reports (checked before the sweep; partial results are kept there).")
 def bench_cmd(model, backends, intervals, steps, images, shapes, seed, out):
     """The table to pick settings for a model: fidelity (F-score, Chamfer, IoU, latent L2
     vs the uncached result of the same seed), network forwards and wall time, per basis and
@@ -352,10 +417,45 @@ def bench_cmd(model, backends, intervals, steps, images, shapes, seed, out):
     ivs, sts = _int_list(intervals), _int_list(steps)
     if not ivs or min(ivs) < 1 or not sts or min(sts) < 2:
         raise click.BadParameter("intervals must be >= 1 and steps >= 2")
+    from .folder import ensure_writable_folder
+    from .generate import GenerateError, list_images
+    try:
+        if images is not None:
+            if not images.is_dir():
+                raise GenerateError(f"--images {images} is not a folder")
+            list_images(images)
+        ensure_writable_folder(out, "--out")
+    except GenerateError as e:
+        raise click.ClickException(str(e))
+    partial = out / "fidelity.partial.json"
     try:
         res = run_sweep(bk, ivs, sts, shapes_n=shapes, images=images, seed=seed,
-                        progress=lambda s: click.echo(s, err=True))
-    except ValueError as e:
+                        progress=lambda s: click.echo(s, err=True),
+                        checkpoint=lambda r: _write_partial(partial, r))
+    except (ValueError, GenerateError) as e:
         raise click.ClickException(str(e))
-    for p in write_reports(res, out):
+    except KeyboardInterrupt:
+        if partial.exists():
+            click.echo(f"interrupted; the rows finished so far are in {partial}", err=True)
+        raise
+    try:
+        written = write_reports(res, out)
+    except OSError as e:
+        try:
+            _write_partial(partial, res)
+            kept = f"the results are in {partial}"
+        except OSError:
+            kept = "the results could not be saved either"
+        raise click.ClickException(f"cannot write the reports into {out} ({e.strerror or e}); {kept}")
+    if partial.exists():
+        partial.unlink()
+    for p in written:
         click.echo(f"wrote {p}")
+
+
+def _write_partial(path: Path, res) -> None:
+    """The sweep so far, written atomically (survives an interrupted or failed sweep)."""
+    import json as _json
+
+    from .mesh import atomic_write
+    atomic_write(path, (_json.dumps(dict(res, partial=True), indent=1, default=float) + "\n").encode())

@@ -1,14 +1,25 @@
 """Image -> mesh with a recipe's generator: the bundled one by default, or an installed
-upstream generator with its weights (a local folder or the hub)."""
+upstream generator with its weights (a local folder or the hub).
+
+Network calls are counted on the network itself (a forward pre-hook on the module every
+real forward runs through), never from the cache schedule, and a reference run
+(``cache=False``) runs inside :func:`hicache3d.patching.uncached`, so it is the model's
+own result even while an in-place patch is active.
+"""
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
-IMAGE_SUFFIXES = (".png",)
+from .bundled.shapes import IMAGE_SUFFIXES
+
+__all__ = ["GenerateError", "Generator", "Result", "IMAGE_SUFFIXES", "default_device",
+           "list_images", "load_image", "check_image"]
 
 
 class GenerateError(RuntimeError):
@@ -17,11 +28,32 @@ class GenerateError(RuntimeError):
 
 @dataclass
 class Result:
+    """One generation: ``network_calls`` are forwards of the network counted as they
+    happen; ``skipped_calls`` the sampler steps whose velocity was forecast (0 uncached);
+    ``seconds`` the generation only (the image was decoded before)."""
+
     mesh: Any
     seconds: float
     network_calls: int
     skipped_calls: int
     stats: Dict[str, Any] = field(default_factory=dict)
+
+
+def default_device(local_rank: int = 0) -> str:
+    """``cuda:LOCAL_RANK`` where CUDA is available, else ``cpu``."""
+    import torch
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}"
+    return "cpu"
+
+
+def unknown_model_message(model: str) -> str:
+    from .recipe import known_recipes
+    names = sorted(known_recipes())
+    close = difflib.get_close_matches(model, names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return (f"unknown model {model!r}; known models: {', '.join(names)} (see `hicache3d recipes`)."
+            + hint)
 
 
 def resolve_weights(recipe, weights: Optional[str]) -> Path:
@@ -31,6 +63,9 @@ def resolve_weights(recipe, weights: Optional[str]) -> Path:
         p = Path(weights)
         if not p.exists():
             raise GenerateError(f"--weights {weights}: no such folder")
+        if not p.is_dir():
+            raise GenerateError(f"--weights {weights} is a file; {recipe.name} takes the folder "
+                                f"holding {recipe.weights}/{recipe.weights_subfolder or ''}")
         return p
     if not recipe.weights:
         raise GenerateError(f"recipe {recipe.name!r} names no weights repo; pass --weights DIR")
@@ -46,17 +81,91 @@ def resolve_weights(recipe, weights: Optional[str]) -> Path:
             f"(then copy the folder, or set HF_HOME), or pass --weights DIR") from None
 
 
-class Generator:
-    """One loaded generator (the bundled one or an upstream pipeline), optionally
-    accelerated through the engine."""
+def _hunyuan_model_path(recipe, folder: Path, explicit: bool) -> str:
+    """The ``model_path`` to hand to ``from_pretrained`` so that it loads from ``folder``
+    whatever ``HY3DGEN_MODELS`` says: an absolute path (the loader joins it onto its base
+    folder, and an absolute path wins the join).  ``folder`` is either a models folder
+    (``folder/<repo>/<subfolder>``, the ``HY3DGEN_MODELS`` layout) or a snapshot of the
+    repo (``folder/<subfolder>``)."""
+    sub = recipe.weights_subfolder or ""
+    where = f"--weights {folder}" if explicit else f"the downloaded weights ({folder})"
+    if explicit and not any(folder.iterdir()):
+        raise GenerateError(f"{where} is an empty folder; it must hold {recipe.weights}/{sub}/ "
+                            f"(or {sub}/) with config.yaml and the model safetensors")
+    for base in (folder / recipe.weights, folder):
+        if (base / sub).is_dir():
+            if not (base / sub / "config.yaml").is_file():
+                raise GenerateError(f"{where}: {base / sub} has no config.yaml")
+            return str(base.resolve())
+    found = ", ".join(sorted(p.name for p in folder.iterdir())[:8])
+    raise GenerateError(f"{where} holds neither {recipe.weights}/{sub}/ nor {sub}/ "
+                        f"(found: {found})")
 
-    def __init__(self, model: str = "bundled", weights: Optional[str] = None):
-        from .recipe import get_recipe, version_status
-        self.recipe = get_recipe(model)
+
+def _bundled_weights(weights: str) -> Path:
+    """Check a ``--weights`` path for the bundled model: a safetensors file (or a folder
+    holding exactly one)."""
+    p = Path(weights)
+    if not p.exists():
+        raise GenerateError(f"--weights {weights}: no such file (the bundled model takes a "
+                            f".safetensors file, e.g. one written by scripts/train_bundled.py)")
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors"))
+        if len(files) != 1:
+            raise GenerateError(f"--weights {weights} is a folder with {len(files) or 'no'} "
+                                f".safetensors file{'s' if len(files) != 1 else ''}; "
+                                f"give the bundled model's .safetensors file itself")
+        p = files[0]
+    if not p.is_file():
+        raise GenerateError(f"--weights {weights} is not a regular file")
+    return p
+
+
+def _load_bundled(weights: Optional[str], device: str):
+    from .bundled.generator import BundledGenerator
+    if not weights:
+        return BundledGenerator.from_pretrained(device=device)
+    p = _bundled_weights(weights)
+    try:
+        return BundledGenerator.from_pretrained(p, device=device)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GenerateError(f"--weights {weights}: not weights of the bundled model "
+                            f"({type(e).__name__}: {first[:200]})") from None
+
+
+@contextlib.contextmanager
+def count_forwards(module) -> Iterator[Dict[str, int]]:
+    """Count the forwards of ``module`` inside the block (``n["calls"]``)."""
+    n = {"calls": 0}
+
+    def hook(_m, _inp):
+        n["calls"] += 1
+    h = module.register_forward_pre_hook(hook)
+    try:
+        yield n
+    finally:
+        h.remove()
+
+
+class Generator:
+    """One loaded generator (the bundled one or an upstream pipeline) on one device,
+    run accelerated (``cache=True``) or as the reference (``cache=False``)."""
+
+    def __init__(self, model: str = "bundled", weights: Optional[str] = None,
+                 device: Optional[str] = None):
+        from .recipe import RecipeError, get_recipe, known_recipes, version_status
+        if not model.endswith(".toml") and model not in known_recipes():
+            raise GenerateError(unknown_model_message(model))
+        try:
+            self.recipe = get_recipe(model)
+        except RecipeError as e:
+            raise GenerateError(str(e)) from None
+        self.device = device or default_device()
         if self.recipe.name == "bundled":
-            from .bundled.generator import BundledGenerator
-            self.pipe = BundledGenerator.from_pretrained(weights) if weights else BundledGenerator.from_pretrained()
+            self.pipe = _load_bundled(weights, self.device)
             self.kind = "bundled"
+            self.network = self.pipe.model          # the sampler's velocity is what is patched
             return
         version, _ = version_status(self.recipe)
         if self.recipe.package and version is None:
@@ -65,15 +174,34 @@ class Generator:
             raise GenerateError(f"`generate` supports the bundled model and the Hunyuan3D recipes; "
                                 f"for {model!r} accelerate its own pipeline (hicache3d patch / accelerate)")
         folder = resolve_weights(self.recipe, weights)
+        model_path = _hunyuan_model_path(self.recipe, folder, explicit=bool(weights))
         import importlib
+
+        import torch
         mod = importlib.import_module(self.recipe.module)
         cls = getattr(mod, self.recipe.run.split(".")[0])
-        if (folder / self.recipe.weights).exists() or weights:
-            os.environ.setdefault("HY3DGEN_MODELS", str(folder))
-            self.pipe = cls.from_pretrained(self.recipe.weights, subfolder=self.recipe.weights_subfolder)
-        else:
-            self.pipe = cls.from_pretrained(str(folder), subfolder=self.recipe.weights_subfolder)
+        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
+        self.pipe = cls.from_pretrained(model_path, subfolder=self.recipe.weights_subfolder,
+                                        device=self.device, dtype=dtype)
         self.kind = "hunyuan3d"
+        # every real forward of the DiT runs through its first parametrised block (a hook
+        # on the DiT itself would also see the forecast calls, which enter and return)
+        self.network = next(m for m in self.pipe.model.children()
+                            if any(True for _ in m.parameters()))
+
+    def prepare(self, path: Path, image=None):
+        """The generator's input from an image file, decoded once (``image``: the array
+        :func:`load_image` returned).  A :class:`GenerateError` names the file."""
+        if self.kind == "bundled":
+            from .bundled import shapes
+            img = load_image(path) if image is None else image
+            try:
+                return shapes.image_to_condition(img)
+            except ValueError as e:
+                raise GenerateError(f"{path}: {str(e).split(': ', 1)[-1]}") from None
+        from PIL import Image
+        img = load_image(path) if image is None else image
+        return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
 
     def warmup(self) -> None:
         """One untimed network call, so the first timed run is not a cold start."""
@@ -81,66 +209,60 @@ class Generator:
         if self.kind == "bundled" and not getattr(self, "_warm", False):
             m = self.pipe.model
             c = m.config
-            x = torch.zeros(1, c.latent_channels, c.grid // 2, c.grid // 2, c.grid // 2)
-            cond = torch.zeros(1, 2, 64, 64)
+            x = torch.zeros(1, c.latent_channels, c.grid // 2, c.grid // 2, c.grid // 2,
+                            device=self.pipe.device)
+            cond = torch.zeros(1, 2, 64, 64, device=self.pipe.device)
             with torch.no_grad():
-                m(x, torch.ones(1), cond)
+                m(x, torch.ones(1, device=self.pipe.device), cond)
             self._warm = True
 
-    def _raw(self, image: Path, steps: Optional[int], seed: int,
+    def _raw(self, payload, steps: Optional[int], seed: int,
              progress: Optional[Callable[[int, int], None]]):
         import torch
         if self.kind == "bundled":
+            from .bundled.metrics import occupancy_to_mesh
             cb = (lambda i, n, t: progress(i + 1, n)) if progress else None
-            out = self.pipe(str(image), steps=steps, seed=seed, progress=cb)
-            return out.mesh(0)
-        from PIL import Image
+            out = self.pipe(payload, steps=steps, seed=seed, progress=cb)
+            return occupancy_to_mesh(out.occupancy[0].cpu())
         g = torch.Generator().manual_seed(seed)
         kw = {"num_inference_steps": steps} if steps else {}
-        return self.pipe(image=Image.open(image), generator=g, **kw)[0]
+        return self.pipe(image=payload, generator=g, **kw)[0]
 
-    def run(self, image: Path, *, steps: Optional[int] = None, seed: int = 0, cache: bool = True,
+    def _sync(self) -> None:
+        if str(self.device).startswith("cuda"):
+            import torch
+            torch.cuda.synchronize(self.device)
+
+    def run(self, payload, *, steps: Optional[int] = None, seed: int = 0, cache: bool = True,
             settings: Optional[Dict[str, Any]] = None,
             progress: Optional[Callable[[int, int], None]] = None) -> Result:
-        from . import accelerate
-        t0 = time.perf_counter()
-        if not cache:
-            calls = _count_calls(self)
-            try:
-                mesh = self._raw(image, steps, seed, progress)
-            finally:
-                n = calls()
-            return Result(mesh, time.perf_counter() - t0, n, 0)
-        with accelerate(self.pipe, self.recipe, **(settings or {})) as run:
-            mesh = self._raw(image, steps, seed, progress)
-        st = run.stats
-        return Result(mesh, time.perf_counter() - t0, st["network_calls"], st["skipped_calls"], st)
-
-
-def _count_calls(gen: Generator):
-    """Velocity calls of an uncached run (the same unit ``run.stats`` counts)."""
-    n = {"calls": 0}
-    target = gen.pipe.sampler if gen.kind == "bundled" else gen.pipe.model
-    name = "velocity" if gen.kind == "bundled" else "forward"
-    orig = getattr(target, name)
-
-    def counting(*a, **k):
-        n["calls"] += 1
-        return orig(*a, **k)
-    setattr(target, name, counting)
-
-    def done() -> int:
-        try:
-            delattr(target, name)
-        except AttributeError:
-            pass
-        return n["calls"]
-    return done
+        """Generate one mesh from a prepared input (see :meth:`prepare`; a path is
+        prepared first, untimed)."""
+        from .api import accelerate
+        from .patching import uncached
+        if isinstance(payload, (str, Path)):
+            payload = self.prepare(Path(payload))
+        with count_forwards(self.network) as n:
+            self._sync()
+            t0 = time.perf_counter()
+            if cache:
+                with accelerate(self.pipe, self.recipe, **(settings or {})) as acc:
+                    mesh = self._raw(payload, steps, seed, progress)
+                stats = acc.stats
+            else:
+                with uncached():
+                    mesh = self._raw(payload, steps, seed, progress)
+                stats = {}
+            self._sync()
+            seconds = time.perf_counter() - t0
+        return Result(mesh, seconds, n["calls"], stats.get("skipped_calls", 0), stats)
 
 
 def list_images(path: Path) -> List[Path]:
+    """The images of a folder (sorted by name), or ``[path]`` for one file."""
+    path = Path(path)
     if path.is_dir():
-        imgs = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        imgs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not imgs:
             raise GenerateError(f"no {'/'.join(IMAGE_SUFFIXES)} images in folder {path}")
         return imgs
@@ -149,9 +271,15 @@ def list_images(path: Path) -> List[Path]:
     return [path]
 
 
-def check_image(path: Path) -> None:
+def load_image(path: Path):
+    """Decode an image file once (PNG, JPEG, WebP); a :class:`GenerateError` names it."""
+    from .bundled.shapes import read_image
     try:
-        from .bundled.shapes import read_png
-        read_png(path)
-    except Exception as e:
-        raise GenerateError(f"cannot read {path} as a PNG image ({e})") from None
+        return read_image(path, max_side=1024)
+    except ValueError as e:
+        msg = str(e)
+        raise GenerateError(msg if str(path) in msg else f"{path}: {msg}") from None
+
+
+def check_image(path: Path) -> None:
+    load_image(path)

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import time
@@ -25,10 +26,11 @@ from .cache import CacheStats, VelocityCache
 from .recipe import Recipe
 
 __all__ = ["AttributePatch", "ClassSwapPatch", "Controller", "Run", "RunRecord",
-           "current_run", "run_wrapper", "step_wrapper"]
+           "current_run", "run_wrapper", "step_wrapper", "uncached"]
 
 _MARK = "_hicache3d_wrapper"
 _RUNS: contextvars.ContextVar[Tuple["Run", ...]] = contextvars.ContextVar("hicache3d_runs", default=())
+_UNCACHED: contextvars.ContextVar[bool] = contextvars.ContextVar("hicache3d_uncached", default=False)
 
 
 def _marked(obj: Any) -> bool:
@@ -212,7 +214,22 @@ def current_run(site: Optional[str] = None, instance: Any = None) -> Optional[Ru
 _instance_controllers: "weakref.WeakKeyDictionary[Any, Controller]" = weakref.WeakKeyDictionary()
 
 
+@contextlib.contextmanager
+def uncached():
+    """``with uncached():`` every patched sampler of this thread/context runs its original
+    code, whatever is patched (in place or by ``accelerate``): no run opens, no step is
+    forecast, and an enclosing run sees none of the calls.  For reference runs."""
+    off, runs = _UNCACHED.set(True), _RUNS.set(())
+    try:
+        yield
+    finally:
+        _RUNS.reset(runs)
+        _UNCACHED.reset(off)
+
+
 def controller_for(instance: Any, default: Optional[Controller]) -> Optional[Controller]:
+    if _UNCACHED.get():
+        return None
     try:
         ctl = _instance_controllers.get(instance)
     except TypeError:

@@ -34,8 +34,6 @@ Conditioning format (``(2, IMAGE, IMAGE)`` float32, row 0 is the top):
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Sequence, Tuple, Union
@@ -348,106 +346,60 @@ def mirror_example(occ: torch.Tensor, cond: torch.Tensor) -> Tuple[torch.Tensor,
 # user images
 # ----------------------------------------------------------------------------
 
+IMAGE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "WEBP": (".webp",)}
+IMAGE_SUFFIXES = tuple(x for v in IMAGE_FORMATS.values() for x in v)
+
+
+def read_image(path: Union[str, Path], max_side: int = 0) -> np.ndarray:
+    """Decode a PNG, JPEG or WebP file (Pillow) as ``uint8`` ``(H, W, C)``: C is 1 (grey),
+    2 (grey + alpha), 3 (RGB) or 4 (RGBA); palette images become RGB(A), 16-bit grey is
+    reduced to 8 bits.  ``max_side > 0`` shrinks larger images by an integer box filter
+    (``Image.reduce``) until no side exceeds ``2 * max_side``.  Raises ``ValueError``
+    naming the file for anything else (not an image, truncated, another format)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            if im.format not in IMAGE_FORMATS:
+                raise ValueError(f"{path}: {im.format} images are not supported; use PNG, JPEG or WebP")
+            im.load()
+            if im.mode == "P" or im.mode == "PA":
+                im = im.convert("RGBA" if ("transparency" in im.info or im.mode == "PA") else "RGB")
+            elif im.mode == "1":
+                im = im.convert("L")
+            elif im.mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L"):
+                im = im.convert("RGB")                        # CMYK / YCbCr JPEGs
+            if max_side > 0 and max(im.size) > 2 * max_side:
+                im = im.reduce(max(im.size) // max_side)
+            a = np.asarray(im)
+    except ValueError:
+        raise
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read {path} as a PNG, JPEG or WebP image ({e})") from None
+    if a.dtype != np.uint8:                                   # 16-bit grey ("I;16" / "I")
+        a = (a.astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+    if a.ndim == 2:
+        a = a[..., None]
+    return np.ascontiguousarray(a)
+
+
 def read_png(path: Union[str, Path]) -> np.ndarray:
-    """Minimal PNG decoder (8-bit grey/grey+alpha/RGB/RGBA/palette, 16-bit
-    reduced to 8, no interlace).  Returns ``uint8`` ``(H, W, C)``."""
-    data = Path(path).read_bytes()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError(f"{path}: not a PNG file")
-    pos, idat, plte, trns = 8, [], None, None
-    width = height = depth = ctype = interlace = None
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        tag = data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
-        pos += 12 + length
-        if tag == b"IHDR":
-            width, height, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", body)
-        elif tag == b"IDAT":
-            idat.append(body)
-        elif tag == b"PLTE":
-            plte = np.frombuffer(body, np.uint8).reshape(-1, 3)
-        elif tag == b"tRNS":
-            trns = np.frombuffer(body, np.uint8)
-        elif tag == b"IEND":
-            break
-    if interlace:
-        raise ValueError("interlaced PNG is not supported")
-    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[ctype]
-    if depth not in (8, 16) and not (ctype in (0, 3) and depth in (1, 2, 4)):
-        raise ValueError(f"unsupported PNG bit depth {depth}")
-    raw = zlib.decompress(b"".join(idat))
-    bits_pp = channels * depth
-    bpp = max(1, bits_pp // 8)
-    stride = (width * bits_pp + 7) // 8
-    out = np.zeros((height, stride), np.uint8)
-    prev = np.zeros(stride, np.int32)
-    p = 0
-    for r in range(height):
-        ftype = raw[p]
-        line = np.frombuffer(raw[p + 1:p + 1 + stride], np.uint8).astype(np.int32)
-        p += 1 + stride
-        if ftype == 0:
-            cur = line
-        elif ftype == 2:
-            cur = (line + prev) & 255
-        else:
-            cur = np.zeros(stride, np.int32)
-            for i in range(stride):
-                a = cur[i - bpp] if i >= bpp else 0
-                b = prev[i]
-                if ftype == 1:
-                    pred = a
-                elif ftype == 3:
-                    pred = (a + b) >> 1
-                else:
-                    c = prev[i - bpp] if i >= bpp else 0
-                    pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
-                    pred = a if (pa <= pb and pa <= pc) else (b if pb <= pc else c)
-                cur[i] = (line[i] + pred) & 255
-        out[r] = cur
-        prev = cur
-    if depth == 16:
-        img = out.reshape(height, width, channels, 2)[..., 0]
-    elif depth == 8:
-        img = out.reshape(height, width, channels)
-    else:
-        bits = np.unpackbits(out, axis=1).reshape(height, -1)
-        vals = np.zeros((height, width), np.int32)
-        for b in range(depth):
-            vals = (vals << 1) | bits[:, b:width * depth:depth]
-        img = vals.astype(np.uint8)[..., None]
-        if ctype == 0:
-            img = (img.astype(np.int32) * 255 // (2 ** depth - 1)).astype(np.uint8)
-    if ctype == 3:
-        idx = img[..., 0]
-        rgb = plte[idx]
-        if trns is not None:
-            alpha = np.full(len(plte), 255, np.uint8)
-            alpha[:len(trns)] = trns
-            img = np.concatenate([rgb, alpha[idx][..., None]], axis=-1)
-        else:
-            img = rgb
-    return np.ascontiguousarray(img)
+    """:func:`read_image` (kept for the name; reads JPEG and WebP too)."""
+    return read_image(path)
 
 
 def write_png(path: Union[str, Path], img: np.ndarray) -> None:
-    """Write ``uint8`` ``(H, W)`` or ``(H, W, C)`` (C in 1-4) as PNG."""
+    """Write ``uint8`` ``(H, W)`` or ``(H, W, C)`` (C in 1-4) as PNG (floats in [0, 1]
+    are scaled to 8 bits)."""
+    from PIL import Image
     img = np.asarray(img)
     if img.dtype != np.uint8:
         img = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-    if img.ndim == 2:
-        img = img[..., None]
-    h, w, c = img.shape
-    ctype = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, ctype, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(png)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    mode = {2: "L", 3: {2: "LA", 3: "RGB", 4: "RGBA"}.get(img.shape[-1])}[img.ndim] if img.ndim in (2, 3) else None
+    if mode is None:
+        raise ValueError(f"write_png takes (H, W) or (H, W, C) with C in 1-4, got {img.shape}")
+    Image.fromarray(np.ascontiguousarray(img), mode=mode).save(str(path), format="PNG")
 
 
 def condition_to_rgba(cond: torch.Tensor) -> np.ndarray:
@@ -506,14 +458,44 @@ def frame_silhouette(mask: np.ndarray, n: int = IMAGE, extent: float = USER_EXTE
     return (sil >= 0.5).float()
 
 
+def silhouette_problem(img: np.ndarray, threshold: float = 0.1) -> str:
+    """Why :func:`silhouette_from_image` finds no object in ``img`` ('' if it finds one):
+    the sentence a user needs to fix the image."""
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = a[..., None]
+    h, w, c = a.shape
+    if silhouette_from_image(a, threshold).any():
+        return ""
+    if min(h, w) < 8:
+        return f"the image is {w}x{h} pixels, too small to show an object (give at least 8x8)"
+    f = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+    if c in (2, 4) and f[..., -1].min() < 0.99:
+        return ("no pixel is more than half opaque (the alpha channel is the silhouette and it is "
+                "empty): give the object opaque pixels on a transparent background")
+    colour = f[..., : (c - 1 if c in (2, 4) else c)]
+    border = np.concatenate([colour[0], colour[-1], colour[:, 0], colour[:, -1]], axis=0)
+    bg = ", ".join(str(int(round(v * 255))) for v in np.median(border, axis=0))
+    return (f"the object's silhouette is empty: every pixel is within {threshold:g} of the "
+            f"background colour ({bg}, the median colour of the image border). Photograph the "
+            f"object on a background of another colour, or give a PNG/WebP whose background "
+            f"is transparent")
+
+
 def image_to_condition(image: Union[str, Path, np.ndarray], n: int = IMAGE, threshold: float = 0.1) -> torch.Tensor:
-    """Turn a user's image (PNG path or array) into a ``(2, n, n)`` condition
+    """Turn a user's image (PNG/JPEG/WebP path or array) into a ``(2, n, n)`` condition
     with unknown depth (depth channel zero).
 
     The object is assumed to be seen from the fixed training view (azimuth
     45 degrees, elevation 30 degrees, orthographic); it is centred and scaled
-    so that its silhouette box spans ``2 * USER_EXTENT`` of the frame.
+    so that its silhouette box spans ``2 * USER_EXTENT`` of the frame.  An image in
+    which no object is found raises ``ValueError`` saying why (see
+    :func:`silhouette_problem`).
     """
-    img = read_png(image) if isinstance(image, (str, Path)) else np.asarray(image)
-    sil = frame_silhouette(silhouette_from_image(img, threshold), n=n)
+    img = read_image(image, max_side=1024) if isinstance(image, (str, Path)) else np.asarray(image)
+    mask = silhouette_from_image(img, threshold)
+    if not mask.any():
+        name = str(image) if isinstance(image, (str, Path)) else "image"
+        raise ValueError(f"{name}: {silhouette_problem(img, threshold)}")
+    sil = frame_silhouette(mask, n=n)
     return torch.stack([sil, torch.zeros_like(sil)], dim=0)
