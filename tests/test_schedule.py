@@ -343,3 +343,18 @@ def test_cli_schedule_flags(tmp_path):
     assert "--schedule" in r.output and "--tolerance" in r.output
     r = CliRunner().invoke(main, ["patch", "--model", "bundled", "--schedule", "sometimes"])
     assert r.exit_code != 0 and "sometimes" in r.output
+
+
+def test_frontier_analysis_by_hand():
+    from hicache3d.bench import frontier_table, pareto, ratio_at
+    rows = [dict(steps=25, schedule="fixed", forward_ratio=2.0, iou_mean=0.99, iou_min=0.97),
+            dict(steps=25, schedule="fixed", forward_ratio=3.0, iou_mean=0.97, iou_min=0.93),
+            dict(steps=25, schedule="fixed", forward_ratio=2.5, iou_mean=0.96, iou_min=0.90),  # dominated
+            dict(steps=25, schedule="adaptive", forward_ratio=3.0, iou_mean=0.99, iou_min=0.98),
+            dict(steps=25, schedule="adaptive", forward_ratio=4.0, iou_mean=0.97, iou_min=0.95)]
+    front = pareto([r for r in rows if r["schedule"] == "fixed"])
+    assert [r["forward_ratio"] for r in front] == [2.0, 3.0]
+    assert ratio_at(front, 0.98) == pytest.approx(2.5) and ratio_at(front, 0.995) is None
+    t = {r["iou"]: r for r in frontier_table(rows, levels=(0.98,))}
+    assert t[0.98]["fixed_ratio"] == pytest.approx(2.5) and t[0.98]["adaptive_ratio"] == pytest.approx(3.5)
+    assert t[0.98]["gain"] == pytest.approx(0.4) and t[0.98]["adaptive_min"] == pytest.approx(0.965)
