@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["run_sweep", "write_reports"]
+__all__ = ["run_sweep", "write_reports", "pareto", "ratio_at", "frontier_table"]
 
 
 def _conditions(images: Optional[Path], n: int):
@@ -53,8 +53,14 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
               shapes_n: int = 32, images: Optional[Path] = None, seed: int = 0,
               first_enhance: int = 3, tau: float = 0.05,
               progress: Optional[Callable[[str], None]] = None,
-              checkpoint: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
-    """Run the sweep on the bundled generator; returns a JSON-ready dict."""
+              checkpoint: Optional[Callable[[Dict[str, Any]], None]] = None,
+              adaptive: Optional[Mapping[str, Sequence[float]]] = None,
+              adaptive_options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Run the sweep on the bundled generator; returns a JSON-ready dict.
+
+    ``backends`` x ``intervals``: fixed-cadence rows.  ``adaptive``: ``{backend:
+    [tolerance, ...]}``, rows of the error-controlled schedule (``adaptive_options``:
+    further settings of those rows, e.g. ``max_skip``)."""
     import hicache3d
     from .bundled.generator import BundledGenerator
     gen = BundledGenerator.from_pretrained()
@@ -81,21 +87,26 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
             gen(cond, steps=S, seed=seed)
             t_ref = time.perf_counter() - t0
             base.setdefault("seconds_remeasured", []).append(t_ref)
-            for iv in intervals:
-                with hicache3d.accelerate(gen, "bundled", backend=b, interval=iv,
-                                          first_enhance=first_enhance) as run:
+            settings = [dict(schedule="fixed", interval=iv) for iv in intervals]
+            settings += [dict(schedule="adaptive", tolerance=float(tol), **dict(adaptive_options or {}))
+                         for tol in (adaptive or {}).get(b, [])]
+            for st in settings:
+                with hicache3d.accelerate(gen, "bundled", backend=b, first_enhance=first_enhance,
+                                          **st) as run:
                     t0 = time.perf_counter()
                     out = gen(cond, steps=S, seed=seed)
                     dt = time.perf_counter() - t0
                 site = run.stats["sites"]["sparse_structure"]
                 sc = _scores(out.occupancy, ref.occupancy, out.latent, ref.latent, tau)
-                row = {"steps": S, "backend": b, "interval": iv, "seconds": dt,
-                       "speedup": t_ref / dt, "network_forwards": out.network_forwards,
+                row = {"steps": S, "backend": b, "schedule": st.get("schedule", "fixed"),
+                       "interval": st.get("interval"), "tolerance": st.get("tolerance"),
+                       "seconds": dt, "speedup": t_ref / dt, "network_forwards": out.network_forwards,
                        "forward_ratio": ref.network_forwards / max(out.network_forwards, 1),
                        "per_basis": site["per_basis"], "fallbacks": site["fallbacks"],
+                       "pattern": run.stats["runs"][-1]["sites"]["sparse_structure"].get("pattern"),
                        **_summ(sc)}
                 rows.append(row)
-                say(f"steps {S} {b:8s} interval {iv}: IoU {row['iou_mean']:.3f} (min {row['iou_min']:.3f}), "
+                say(f"steps {S} {b:8s} {_setting(row):16s}: IoU {row['iou_mean']:.3f} (min {row['iou_min']:.3f}), "
                     f"F {row['fscore_mean']:.3f}, latent {row['latent_rel_l2_mean']:.3f}, "
                     f"{row['forward_ratio']:.2f}x fewer forwards, {row['speedup']:.2f}x faster")
             if checkpoint is not None:
@@ -103,33 +114,86 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
     return result
 
 
+def _setting(r: Mapping[str, Any]) -> str:
+    if r.get("schedule", "fixed") == "adaptive":
+        return f"adaptive tol {r['tolerance']:g}"
+    return f"interval {r['interval']}"
+
+
+def pareto(rows: Sequence[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
+    """The rows no other row beats on both forward ratio and mean IoU, by forward ratio."""
+    out = []
+    for r in sorted(rows, key=lambda r: (-r["forward_ratio"], -r["iou_mean"])):
+        if not out or r["iou_mean"] > out[-1]["iou_mean"]:
+            out.append(r)
+    return out[::-1]
+
+
+def ratio_at(front: Sequence[Mapping[str, Any]], iou: float, key: str = "forward_ratio") -> Optional[float]:
+    """``key`` of a frontier (by forward ratio, IoU falling) at mean IoU ``iou``, linear
+    between its points; ``None`` outside its IoU range."""
+    pts = sorted(((r["iou_mean"], r[key]) for r in front))
+    if not pts or iou < pts[0][0] or iou > pts[-1][0]:
+        return None
+    return float(np.interp(iou, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def frontier_table(rows: Sequence[Mapping[str, Any]],
+                   levels: Sequence[float] = (0.97, 0.975, 0.98, 0.985, 0.99)) -> List[Dict[str, Any]]:
+    """Per step count and IoU level: forward ratio (and interpolated per-sample minimum
+    IoU) of the adaptive frontier and of the best fixed-interval frontier (any basis)."""
+    out = []
+    for S in sorted({int(r["steps"]) for r in rows}):
+        rs = [r for r in rows if int(r["steps"]) == S]
+        fixed = pareto([r for r in rs if r.get("schedule", "fixed") == "fixed"])
+        adapt = pareto([r for r in rs if r.get("schedule") == "adaptive"])
+        for lv in levels:
+            f, a = ratio_at(fixed, lv), ratio_at(adapt, lv)
+            out.append({"steps": S, "iou": lv, "fixed_ratio": f, "adaptive_ratio": a,
+                        "fixed_min": ratio_at(fixed, lv, "iou_min"),
+                        "adaptive_min": ratio_at(adapt, lv, "iou_min"),
+                        "gain": (a / f - 1.0) if (a and f) else None})
+    return out
+
+
 def write_reports(res: Dict[str, Any], out: Path, stem: str = "fidelity") -> List[Path]:
-    """JSON + Markdown + a fidelity-vs-speed Pareto plot (PNG, needs matplotlib)."""
+    """JSON + Markdown + a fidelity-vs-speed plot with the fixed-interval and the adaptive
+    frontiers (PNG, needs matplotlib).  Files are replaced atomically."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(res, indent=1, default=float) + "\n")
     rows = res["rows"]
+    res["frontier"] = frontier_table(rows) if any(r.get("schedule") == "adaptive" for r in rows) else []
+    _atomic_write(paths[0], json.dumps(res, indent=1, default=float) + "\n")
     md = [f"# Fidelity vs speed on the bundled generator ({len(res['shapes'])} shapes, seed {res['seed']})", "",
           "Every cached run is compared with the uncached run of the same seed and step count: "
           f"F-score@{res['tau']} and Chamfer of the voxel surfaces (fixed unit-cube frame), voxel "
           "IoU, relative L2 of the final latent; means and per-sample minima (max for distances). "
           "`fewer fwd` = uncached network forwards / cached (exact); `faster` = wall-clock ratio "
           "against an uncached run re-timed just before each backend's block (indicative only on "
-          "a shared machine).", ""]
+          "a shared machine).  `setting`: a fixed `interval`, or the adaptive schedule at a "
+          "`tol`erance.", ""]
+    if res.get("fixed_rows_check"):
+        md += ["The fixed-interval rows come from the full sweep; this run re-ran one of them per "
+               "step count and found it identical: " + ", ".join(
+                   f"{c['backend']} interval {c['interval']} at {c['steps']} steps "
+                   f"(IoU {c['iou_mean_now']:.4f} now, {c['iou_mean_stored']:.4f} stored)"
+                   for c in res["fixed_rows_check"]) + ".", ""]
+    md += _frontier_md(res)
     for S, base in sorted(res["baselines"].items(), key=lambda kv: int(kv[0])):
         line = f"**{S} steps** — uncached: {base['network_forwards']} forwards, {base['seconds']:.1f} s"
         if "vs_truth_iou_mean" in base:
             line += (f"; vs the true shapes IoU {base['vs_truth_iou_mean']:.3f}, "
                      f"F@{res['tau']} {base['vs_truth_fscore_mean']:.3f}")
-        md += [line, "", "| backend | interval | IoU mean | IoU min | F mean | F min | latent rel L2 | fewer fwd | faster |",
-               "|---|---|---|---|---|---|---|---|---|"]
+        md += [line, "", "| backend | setting | IoU mean | IoU min | F mean | F min | latent rel L2 | fewer fwd | faster | pattern |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
         for r in [r for r in rows if int(r["steps"]) == int(S)]:
-            md.append(f"| {r['backend']} | {r['interval']} | {r['iou_mean']:.3f} | {r['iou_min']:.3f} | "
+            pat = r.get("pattern") if r.get("schedule") == "adaptive" else ""
+            md.append(f"| {r['backend']} | {_setting(r)} | {r['iou_mean']:.3f} | {r['iou_min']:.3f} | "
                       f"{r['fscore_mean']:.3f} | {r['fscore_min']:.3f} | {r['latent_rel_l2_mean']:.3f} | "
-                      f"{r['forward_ratio']:.2f}x | {r['speedup']:.2f}x |")
+                      f"{r['forward_ratio']:.2f}x | {r['speedup']:.2f}x | {('`' + pat + '`') if pat else ''} |")
         md.append("")
-    md += _verdict(rows)
-    paths[1].write_text("\n".join(md) + "\n")
+    md += _verdict([r for r in rows if r.get("schedule", "fixed") == "fixed"])
+    _atomic_write(paths[1], "\n".join(md) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -139,20 +203,58 @@ def write_reports(res: Dict[str, Any], out: Path, stem: str = "fidelity") -> Lis
     steps = sorted({int(r["steps"]) for r in rows})
     fig, axes = plt.subplots(1, len(steps), figsize=(5 * len(steps), 4), squeeze=False)
     for ax, S in zip(axes[0], steps):
-        for b in sorted({r["backend"] for r in rows}):
-            rr = sorted([r for r in rows if r["backend"] == b and int(r["steps"]) == S],
+        rs = [r for r in rows if int(r["steps"]) == S]
+        for b in sorted({r["backend"] for r in rs}):
+            rr = sorted([r for r in rs if r["backend"] == b and r.get("schedule", "fixed") == "fixed"],
                         key=lambda r: r["forward_ratio"])
-            ax.plot([r["forward_ratio"] for r in rr], [r["iou_mean"] for r in rr], "o-", label=b, ms=4)
+            if rr:
+                ax.plot([r["forward_ratio"] for r in rr], [r["iou_mean"] for r in rr], "o-", label=b,
+                        ms=3, lw=0.8, alpha=0.6)
+        for name, sel, style in (("fixed-interval frontier", "fixed", "k--"),
+                                 ("adaptive frontier", "adaptive", "r-")):
+            fr = pareto([r for r in rs if r.get("schedule", "fixed") == sel])
+            if fr:
+                ax.plot([r["forward_ratio"] for r in fr], [r["iou_mean"] for r in fr], style,
+                        marker="s" if sel == "adaptive" else None, ms=5, lw=2, label=name)
         ax.set_title(f"{S} steps")
         ax.set_xlabel("network forwards saved (uncached / cached)")
         ax.set_ylabel("voxel IoU vs uncached (mean)")
+        ax.set_ylim(max(0.9, min(r["iou_mean"] for r in rs) - 0.005), 1.0)
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     png = out / f"{stem}.png"
-    fig.savefig(png, dpi=110)
+    tmp = png.with_name(png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    tmp.replace(png)
     return paths + [png]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _frontier_md(res: Dict[str, Any]) -> List[str]:
+    fr = res.get("frontier") or []
+    if not fr:
+        return []
+    f = lambda x, fmt: "–" if x is None else format(x, fmt)  # noqa: E731
+    lines = ["## Adaptive vs fixed interval at matched mean IoU", "",
+             "Forward ratio (uncached / cached network forwards) of the adaptive frontier and of "
+             "the best fixed-interval frontier of any basis, linearly interpolated between their "
+             "Pareto points at each mean IoU; per-sample minimum IoU interpolated the same way. "
+             "`gain` = adaptive / fixed − 1 (– where a frontier does not reach that IoU).", "",
+             "| steps | mean IoU | fixed fwd ratio | adaptive fwd ratio | gain | fixed min IoU | adaptive min IoU |",
+             "|---|---|---|---|---|---|---|"]
+    for r in fr:
+        lines.append(f"| {r['steps']} | {r['iou']:.3f} | {f(r['fixed_ratio'], '.2f')} | "
+                     f"{f(r['adaptive_ratio'], '.2f')} | "
+                     f"{'–' if r['gain'] is None else format(100 * r['gain'], '+.0f') + '%'} | "
+                     f"{f(r['fixed_min'], '.3f')} | {f(r['adaptive_min'], '.3f')} |")
+    return lines + [""]
 
 
 def _verdict(rows: List[Dict[str, Any]]) -> List[str]:

@@ -85,6 +85,12 @@ def _parse_site_overrides(values):
 
 
 _BACKENDS = click.Choice(["reuse", "taylor", "hermite", "dmd", "auto"])
+_SCHEDULES = click.Choice(["fixed", "adaptive"])
+_TOLERANCE = click.FloatRange(0, None)
+_SCHEDULE_HELP = ("fixed: one computed step in --interval; adaptive: each computed step measures "
+                  "the forecast error and sizes the next forecast window to --tolerance.")
+_TOLERANCE_HELP = ("Adaptive schedule: the error budget of one forecast window (a relative "
+                   "velocity error, dt-weighted; 0 computes every step, larger skips more).")
 
 
 @main.command("patch")
@@ -95,11 +101,14 @@ _BACKENDS = click.Choice(["reuse", "taylor", "hermite", "dmd", "auto"])
 @click.option("--interval", type=click.IntRange(1, 1000), help="Compute one step in N.")
 @click.option("--first-enhance", type=click.IntRange(0, 1000), help="Warm-up steps always computed.")
 @click.option("--history", type=click.IntRange(1, 64), help="Snapshots kept per site.")
+@click.option("--schedule", type=_SCHEDULES, help=_SCHEDULE_HELP)
+@click.option("--tolerance", type=_TOLERANCE, help=_TOLERANCE_HELP)
 @click.option("--site", "site_overrides", multiple=True, metavar="SITE:KEY=VALUE",
               help="Per-site override, e.g. --site shape:interval=3,backend=taylor (repeatable).")
 @click.option("--force", is_flag=True, help="Patch even if the generator is missing or its version is outside the supported range.")
 @click.option("--user", is_flag=True, help="Write into the user site-packages instead of the active environment.")
-def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, site_overrides, force, user):
+def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, schedule, tolerance,
+              site_overrides, force, user):
     """Accelerate an installed generator in place, for every later Python process.
 
     Writes a one-line .pth file and a config into the active environment's
@@ -111,6 +120,7 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sit
     Examples:
       hicache3d patch --model hunyuan3d-2mini --backend dmd --interval 5
       hicache3d patch --model trellis2 --site shape_slat:interval=4
+      hicache3d patch --model trellis --schedule adaptive --tolerance 0.5
       hicache3d patch --recipe my_sampler.toml
     """
     from .inplace import InPlaceError, write_patch
@@ -120,8 +130,11 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sit
     try:
         ref = model or str(Path(recipe_path).resolve())
         recipe = get_recipe(ref)
+        if interval is not None and schedule is None and tolerance is None:
+            schedule = "fixed"                    # an interval asks for the fixed cadence
         common = {k: v for k, v in dict(backend=backend, interval=interval,
-                                         first_enhance=first_enhance, history=history).items()
+                                         first_enhance=first_enhance, history=history,
+                                         schedule=schedule, tolerance=tolerance).items()
                   if v is not None}
         sites = _parse_site_overrides(site_overrides)
         recipe.with_settings(common, sites)              # validates every value
@@ -224,6 +237,8 @@ _SEEDS = click.IntRange(0, 2 ** 63 - 1)
                                 "hub repo; wins over HY3DGEN_MODELS), a .safetensors file for the bundled one.")
 @click.option("--backend", type=_BACKENDS, help="Forecast basis (default: the recipe's).")
 @click.option("--interval", type=click.IntRange(1, 1000), help="Compute one step in N (default: the recipe's).")
+@click.option("--schedule", type=_SCHEDULES, help=_SCHEDULE_HELP + " Default: the recipe's.")
+@click.option("--tolerance", type=_TOLERANCE, help=_TOLERANCE_HELP)
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampling steps (default: the model's).")
 @click.option("--seed", default=0, show_default=True, type=_SEEDS, help="Noise seed (0 to 2^63-1).")
 @click.option("--no-cache", is_flag=True, help="Run the generator unaccelerated (whatever is patched in place).")
@@ -233,8 +248,8 @@ _SEEDS = click.IntRange(0, 2 ** 63 - 1)
               help="Mesh format when writing into a folder.")
 @click.option("--overwrite", is_flag=True,
               help="Folder mode: regenerate meshes that already exist (default: skip them, so a rerun resumes).")
-def generate_cmd(image, out, model, weights, backend, interval, steps, seed, no_cache, do_compare, fmt,
-                 overwrite):
+def generate_cmd(image, out, model, weights, backend, interval, schedule, tolerance, steps, seed,
+                 no_cache, do_compare, fmt, overwrite):
     """Make a mesh from an image (the bundled generator needs no GPU and no download).
 
     A folder in and a folder out runs resumably: meshes that exist and load are
@@ -247,6 +262,7 @@ def generate_cmd(image, out, model, weights, backend, interval, steps, seed, no_
     Examples:
       hicache3d generate --image mug.png --out mug.glb
       hicache3d generate --image mug.jpg --out mug.obj --backend dmd --interval 4 --compare
+      hicache3d generate --image mug.png --out mug.glb --schedule adaptive --tolerance 1.0
       hicache3d generate --image photos/ --out meshes/ --format ply
       torchrun --nproc_per_node 4 -m hicache3d generate --image photos/ --out meshes/
     """
@@ -256,7 +272,10 @@ def generate_cmd(image, out, model, weights, backend, interval, steps, seed, no_
     if no_cache and do_compare:
         raise click.UsageError("--compare already runs the generator uncached next to the accelerated "
                                "run; give --compare alone (or --no-cache alone for the uncached mesh only)")
-    settings = {k: v for k, v in dict(backend=backend, interval=interval).items() if v is not None}
+    if interval is not None and schedule is None and tolerance is None:
+        schedule = "fixed"                        # an interval asks for the fixed cadence
+    settings = {k: v for k, v in dict(backend=backend, interval=interval, schedule=schedule,
+                                      tolerance=tolerance).items() if v is not None}
     try:
         if image.is_dir():
             failed = _generate_folder_cli(image, out, model, weights, settings, steps, seed, no_cache,
@@ -313,6 +332,8 @@ def _generate_one_cli(image, out, model, weights, settings, steps, seed, no_cach
         line += (f"; vs uncached Chamfer {m['chamfer']:.4f}, F@{m['tau']:g} {m['fscore']:.3f}, "
                  f"IoU {m['iou']:.3f}")
     click.echo(line)
+    for site_line in _site_patterns(res):
+        click.echo(site_line)
     if not no_cache and not res.skipped_calls:
         click.echo("note: no step was skipped (the run is no longer than the warm-up and "
                    "interval allow), so this mesh is the uncached computation; use more --steps "
@@ -349,6 +370,24 @@ def _generate_folder_cli(image, out, model, weights, settings, steps, seed, no_c
             if rec["status"] == "failed":
                 click.echo(f"failed: {rec['error']}", err=True)
     return failed
+
+
+def _site_patterns(res) -> list:
+    """``  site: C computed / . forecast pattern, why steps were computed`` per site of the
+    last run, and a warning line when a site ran the network on only a handful of steps."""
+    stats = getattr(res, "stats", None) or {}
+    runs = stats.get("runs") or []
+    out = []
+    for site, d in (runs[-1]["sites"].items() if runs else []):
+        if not d.get("pattern"):
+            continue
+        why = ", ".join(f"{k} {v}" for k, v in sorted(d.get("reasons", {}).items(), key=lambda kv: -kv[1]))
+        out.append(f"  {site}: {d['pattern']}  ({d['computed']} computed: {why})")
+        from .cache import HANDFUL
+        if d["computed"] < HANDFUL and d["forecast"] > d["computed"]:
+            out.append(f"  warning: {site} ran the network on only {d['computed']} of {d['steps']} "
+                       f"steps; lower --interval / --tolerance")
+    return out
 
 
 @main.command("compare")

@@ -71,6 +71,14 @@ class CacheConfig:
     ``last_enhance`` steps are computed when the run length is known (``num_steps``, or
     given per run).  ``interval=1`` computes every step (no caching).
 
+    ``schedule="adaptive"`` replaces the cadence by error control (see
+    :mod:`hicache3d.schedule`): after the warm-up, every computed step also measures the
+    error of the forecast it replaces, and the next window forecasts as many steps as keep
+    the sum of their predicted errors, each weighted by the step's share of the sample
+    (``dt``), within ``tolerance`` (a relative velocity error; 0 computes every step);
+    at least ``min_skip`` and at most ``max_skip`` steps in a row are forecast.
+    ``interval`` is not used by the adaptive schedule.
+
     Forecast: ``backend`` is the basis (``reuse`` | ``taylor`` | ``hermite`` | ``dmd`` |
     ``auto``), fitted on the newest ``history`` computed velocities.  ``horizon`` measures
     forecast distance in step index (``"step"``) or in the sampler's own time (``"time"``).
@@ -98,6 +106,10 @@ class CacheConfig:
     candidates: Tuple[str, ...] = _BASES
     candidate_damping: Tuple[float, ...] = (0.0, 0.5)
     holdouts: int = 2
+    schedule: str = "fixed"
+    tolerance: float = 0.1
+    max_skip: int = 8
+    min_skip: int = 0
 
     def __post_init__(self) -> None:
         for name in ("candidates", "candidate_damping"):
@@ -116,6 +128,15 @@ class CacheConfig:
         _check(self.batch_dim is None or _is_int(self.batch_dim), "batch_dim",
                "None or an integer axis", self.batch_dim)
         _check(isinstance(self.clamp, bool), "clamp", "True or False", self.clamp)
+        _check(self.schedule in ("fixed", "adaptive"), "schedule", "'fixed' or 'adaptive'", self.schedule)
+        _check(_is_num(self.tolerance) and self.tolerance >= 0, "tolerance",
+               "a finite number >= 0", self.tolerance)
+        _check(_is_int(self.max_skip) and 1 <= self.max_skip <= 1000, "max_skip",
+               "an integer in [1, 1000]", self.max_skip)
+        _check(_is_int(self.min_skip) and self.min_skip >= 0, "min_skip", "an integer >= 0",
+               self.min_skip)
+        _check(self.max_skip >= self.min_skip, "max_skip", f"an integer >= min_skip ({self.min_skip})",
+               self.max_skip)
         validate_forecast_options(**self.forecast_options(), backend=self.backend,
                                   history=self.history)
 

@@ -1,20 +1,54 @@
-"""Which steps run the network and which are forecast.
+"""Which steps run the network and which are forecast: the schedule policies.
 
-The TaylorSeer/HiCache cadence: the first ``first_enhance`` steps are computed (warm-up),
-then one step in every ``interval`` is computed and the ``interval - 1`` steps after it
-are forecast; optionally the last ``last_enhance`` steps of a run of known length are
-computed too.  A step is always computed while there is nothing to forecast from.
+Every decision of a cached site goes through one policy (``VelocityCache.step`` asks it):
+
+``FixedPolicy`` (``schedule="fixed"``, :class:`Schedule`)
+    The TaylorSeer/HiCache cadence: the first ``first_enhance`` steps are computed
+    (warm-up), then one step in every ``interval`` is computed and the ``interval - 1``
+    steps after it are forecast; optionally the last ``last_enhance`` steps of a run of
+    known length are computed too.
+
+``AdaptivePolicy`` (``schedule="adaptive"``)
+    Error-controlled.  On every computed step after the first one the cache forecasts that
+    step from the snapshots before it and compares with the real velocity, per batch item
+    (in Gram space, no pass over the data): that is the true relative error ``e`` of the
+    basis at the horizon ``H`` (in steps) just used.  An error model ``e(h) = c h^p``
+    (``p`` = the basis order + 1: reuse 1, order-1 Taylor / Hermite 2, DMD / auto 2) turns
+    it into a coefficient ``c`` (the worst batch item decides).  The next window forecasts
+    the largest number ``m`` of steps whose predicted errors, each weighted by its share of
+    the sample (the step's ``dt`` relative to the mean ``dt`` of the steps seen when the
+    first window was planned), sum to at most ``tolerance``::
+
+        sum_{j=1..m} (dt_j / dt_ref) * c * j^p  <=  tolerance,   min_skip <= m <= max_skip
+
+    A budget per window, not a cap per step.  An error that jumps (observed more than twice
+    the prediction) shrinks the next window at once, since ``c`` is re-estimated on every
+    computed step; ``c`` only relaxes gradually (geometric mean with the previous one).
+    ``tolerance = 0`` computes every step.  ``interval`` does not apply.
+
+A step is always computed while there is nothing to forecast from.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["Schedule"]
+import numpy as np
+
+__all__ = ["Schedule", "SchedulePolicy", "FixedPolicy", "AdaptivePolicy", "make_policy",
+           "error_exponent"]
+
+# why a step was computed (trace / summary vocabulary)
+WARMUP, NO_HISTORY, FORCED, CADENCE, LAST, BUDGET, MAX_SKIP, EXACT, JUMP, NO_SIGNAL = (
+    "warm-up", "no history", "forced", "cadence", "last steps", "budget", "max_skip",
+    "tolerance 0", "error jump", "no error signal")
 
 
 @dataclass(frozen=True)
 class Schedule:
+    """The fixed cadence (kept as the plain description of the fixed policy)."""
+
     interval: int = 5
     first_enhance: int = 3
     last_enhance: int = 0
@@ -22,11 +56,18 @@ class Schedule:
     def should_compute(self, step: int, since_compute: int, has_anchor: bool,
                        num_steps: Optional[int] = None) -> bool:
         """``since_compute``: steps forecast since the last computed step."""
-        if not has_anchor or step < self.first_enhance:
-            return True
+        return self.reason(step, since_compute, has_anchor, num_steps) is not None
+
+    def reason(self, step: int, since_compute: int, has_anchor: bool,
+               num_steps: Optional[int] = None) -> Optional[str]:
+        """Why ``step`` is computed, or ``None`` if it is forecast."""
+        if not has_anchor:
+            return NO_HISTORY
+        if step < self.first_enhance:
+            return WARMUP
         if num_steps is not None and self.last_enhance and step >= num_steps - self.last_enhance:
-            return True
-        return since_compute >= self.interval - 1
+            return LAST
+        return CADENCE if since_compute >= self.interval - 1 else None
 
     def plan(self, num_steps: int) -> List[bool]:
         """``True`` for every computed step of a run of ``num_steps`` steps."""
@@ -37,3 +78,182 @@ class Schedule:
             since = 0 if c else since + 1
             anchor = anchor or c
         return out
+
+
+class SchedulePolicy:
+    """Decides, step by step, whether the network runs.
+
+    ``decide`` returns the reason a step is computed, or ``None`` for a forecast step.
+    ``observe`` receives, after a computed step, the per-item relative error of the
+    forecast of that step made from the snapshots before it (``None`` when none could be
+    made), the horizon in steps, and the sampler times of the steps seen so far.
+    """
+
+    name = "policy"
+    needs_errors = False
+
+    def start(self, num_steps: Optional[int]) -> None:
+        self.num_steps = num_steps
+
+    def decide(self, step: int, since_compute: int, has_anchor: bool) -> Optional[str]:
+        raise NotImplementedError
+
+    def decide_static(self, step: int, since_compute: int, has_anchor: bool) -> Optional[str]:
+        """The part of :meth:`decide` that needs no new measurement: a reason to compute,
+        or ``None`` when :meth:`decide` must be asked (after :meth:`observe`)."""
+        return None
+
+    def observe(self, step: int, errors: Optional[np.ndarray], horizon: int,
+                times: Sequence[float]) -> None:
+        pass
+
+    def predicted(self, horizon: int) -> Optional[float]:
+        """The model's predicted relative error of a forecast ``horizon`` steps out."""
+        return None
+
+    def plan(self, num_steps: int) -> List[bool]:
+        raise NotImplementedError(f"the {self.name} schedule is decided at run time")
+
+
+class FixedPolicy(SchedulePolicy):
+    name = "fixed"
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+        self.num_steps = None
+
+    def decide(self, step: int, since_compute: int, has_anchor: bool) -> Optional[str]:
+        return self.schedule.reason(step, since_compute, has_anchor, self.num_steps)
+
+    decide_static = decide
+
+    def plan(self, num_steps: int) -> List[bool]:
+        return self.schedule.plan(num_steps)
+
+
+def error_exponent(backend: str, order: int = 1) -> float:
+    """``p`` of the error model ``e(h) = c h^p`` of a basis."""
+    if backend == "reuse":
+        return 1.0
+    if backend in ("taylor", "hermite"):
+        return float(order + 1)
+    return 2.0
+
+
+class AdaptivePolicy(SchedulePolicy):
+    """The error-controlled schedule (see the module doc)."""
+
+    name = "adaptive"
+    needs_errors = True
+
+    def __init__(self, tolerance: float, *, max_skip: int = 8, min_skip: int = 0,
+                 first_enhance: int = 3, last_enhance: int = 0, exponent: float = 2.0,
+                 quantile: float = 1.0, relax: float = 0.5, jump: float = 2.0):
+        self.tolerance = float(tolerance)
+        self.max_skip, self.min_skip = int(max_skip), int(min_skip)
+        self.first_enhance, self.last_enhance = int(first_enhance), int(last_enhance)
+        self.p = float(exponent)
+        self.quantile = float(quantile)
+        self.relax = float(relax)
+        self.jump = float(jump)
+        self.start(None)
+
+    def start(self, num_steps: Optional[int]) -> None:
+        self.num_steps = num_steps
+        self.c: Optional[float] = None        # error coefficient of the model
+        self.window = 0                       # forecast steps granted after the last compute
+        self.window_reason = NO_SIGNAL        # why the window ends where it does
+        self.dt_ref: Optional[float] = None
+        self.last_observed: Optional[float] = None
+        self.last_jump = False
+
+    # ---------------------------------------------------------------- decisions
+    def decide_static(self, step: int, since_compute: int, has_anchor: bool) -> Optional[str]:
+        if not has_anchor:
+            return NO_HISTORY
+        if step < self.first_enhance:
+            return WARMUP
+        n = self.num_steps
+        if n is not None and self.last_enhance and step >= n - self.last_enhance:
+            return LAST
+        if self.tolerance == 0:
+            return EXACT
+        return None
+
+    def decide(self, step: int, since_compute: int, has_anchor: bool) -> Optional[str]:
+        r = self.decide_static(step, since_compute, has_anchor)
+        if r is not None:
+            return r
+        if since_compute >= self.window:
+            return JUMP if self.last_jump and self.window_reason == BUDGET else self.window_reason
+        return None
+
+    def predicted(self, horizon: int) -> Optional[float]:
+        if self.c is None:
+            return None
+        return self.c * float(horizon) ** self.p
+
+    # ---------------------------------------------------------------- the signal
+    def _weights(self, times: Sequence[float], m: int) -> np.ndarray:
+        """``dt_j / dt_ref`` of the next ``m`` steps (the newest dt, continued with the
+        recent growth of the step size)."""
+        dts = np.abs(np.diff(np.asarray(times, dtype=np.float64)))
+        if len(dts) == 0 or not np.all(np.isfinite(dts)):
+            return np.ones(m)
+        if self.dt_ref is None:
+            self.dt_ref = float(np.mean(dts))
+        if not self.dt_ref > 0:
+            return np.ones(m)
+        last = dts[-1]
+        g = 1.0
+        if len(dts) >= 2 and dts[-2] > 0:
+            g = float(np.clip(last / dts[-2], 0.8, 1.25))
+        return last / self.dt_ref * g ** np.arange(1, m + 1)
+
+    def observe(self, step: int, errors: Optional[np.ndarray], horizon: int,
+                times: Sequence[float]) -> None:
+        self.last_jump = False
+        if errors is None or len(errors) == 0 or horizon < 1:
+            if self.c is None:
+                self.window, self.window_reason = 0, NO_SIGNAL
+                return
+        else:
+            e = np.asarray(errors, dtype=np.float64)
+            e = np.where(np.isfinite(e), e, np.inf)
+            obs = float(np.quantile(e, self.quantile)) if self.quantile < 1 else float(np.max(e))
+            self.last_observed = obs
+            pred = self.predicted(horizon)
+            c_new = obs / float(horizon) ** self.p
+            if pred is not None and obs > self.jump * pred:
+                self.last_jump = True
+            if (self.c is None or c_new >= self.c or not math.isfinite(c_new)
+                    or step < self.first_enhance):
+                self.c = c_new
+            else:                                    # relax gradually toward a smaller error
+                self.c = self.c ** self.relax * c_new ** (1.0 - self.relax)
+        self._plan(times)
+
+    def _plan(self, times: Sequence[float]) -> None:
+        lo, hi = self.min_skip, self.max_skip
+        if self.tolerance == 0 or self.c is None or not math.isfinite(self.c):
+            self.window, self.window_reason = (lo if self.tolerance else 0), BUDGET
+            return
+        r = self._weights(times, hi)
+        h = np.arange(1, hi + 1, dtype=np.float64)
+        spent = np.cumsum(r * self.c * h ** self.p)
+        m = int(np.searchsorted(spent, self.tolerance, side="right"))   # spent[m-1] <= tol
+        if m >= hi:
+            self.window, self.window_reason = hi, MAX_SKIP
+        elif m < lo:
+            self.window, self.window_reason = lo, BUDGET
+        else:
+            self.window, self.window_reason = m, BUDGET
+
+
+def make_policy(config) -> SchedulePolicy:
+    """The policy of a :class:`hicache3d.CacheConfig`."""
+    if config.schedule == "adaptive":
+        return AdaptivePolicy(config.tolerance, max_skip=config.max_skip, min_skip=config.min_skip,
+                              first_enhance=config.first_enhance, last_enhance=config.last_enhance,
+                              exponent=error_exponent(config.backend, config.order))
+    return FixedPolicy(Schedule(config.interval, config.first_enhance, config.last_enhance))

@@ -40,7 +40,7 @@ def _model_step_wrapper(model: Any):
         last = run.scratch.get("last")
         if last is not None and i == len(sigmas) - 2 and sigmas[i + 1] == sigmas[i]:
             run.extra["wasted_steps_skipped"] += 1
-            cache.step_index += 1
+            cache.skip()
             return torch.zeros_like(last)
         t = args[1] if len(args) > 1 else kwargs.get("t", kwargs.get("timestep", 0.0))
         out = cache.step(t, lambda: wrapped(*args, **kwargs))

@@ -49,8 +49,6 @@ and ``solve_iter`` yields ``(x_t, t, v)``; both pass through unchanged.  Site op
 """
 from __future__ import annotations
 
-import time
-from collections import Counter
 from typing import Any, Callable, Dict, List, Optional
 
 from hicache3d.cfg import AdaptiveCFG
@@ -118,28 +116,10 @@ def _args_of_solve_iter(args: tuple, kwargs: dict):
 
 
 def _forced_step(run: Run, site: str, t: Any, velocity: Optional[Any], full: bool) -> Any:
-    """Push ``velocity`` (``full``) or return a forecast, with the site's cache statistics,
-    on a schedule decided elsewhere (the fork's own TaylorSeer schedule)."""
-    cache = run.caches[site]
-    f, st = cache.forecaster, cache.stats
-    pos = float(cache.step_index)
-    t0 = time.perf_counter()
-    if full or len(f) == 0:
-        res = f.push(pos, velocity)
-        if res.restarted:
-            st.restarts[res.restarted] += 1
-        st.computed += 1
-        st.compute_time_s += time.perf_counter() - t0
-        out = velocity
-    else:
-        before_b, before_f = Counter(f.stats.per_basis), Counter(f.stats.fallbacks)
-        out = f.predict(pos)
-        st.per_basis.update(f.stats.per_basis - before_b)
-        st.fallbacks.update(f.stats.fallbacks - before_f)
-        st.forecast += 1
-        st.forecast_time_s += time.perf_counter() - t0
-    cache.step_index += 1
-    return out
+    """Push ``velocity`` (``full``) or return a forecast, through the site's cache (its
+    statistics and trace), on a schedule decided elsewhere (the fork's own TaylorSeer
+    schedule)."""
+    return run.caches[site].step(t, lambda: velocity, force_compute=full, force_forecast=not full)
 
 
 class SAM3DAdapter(Adapter):

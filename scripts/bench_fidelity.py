@@ -1,10 +1,15 @@
-"""The fidelity benchmark of the README: every basis, 12/25/50 steps, intervals 2-8, on
-32 held-out shapes of the bundled generator.  Writes benchmarks/fidelity.{json,md,png}.
+"""The fidelity benchmark of the README: every basis, 12/25/50 steps, intervals 2-8, and the
+adaptive (error-controlled) schedule over a sweep of tolerances, on 32 held-out shapes of
+the bundled generator.  Writes benchmarks/fidelity.{json,md,png}.
 
-    python scripts/bench_fidelity.py            # the full sweep (about 20-40 min on 2 cores)
+    python scripts/bench_fidelity.py            # the full sweep (about 30-60 min on 2 cores)
+    python scripts/bench_fidelity.py --adaptive-only
+        # only the adaptive rows (plus one fixed row per step count, checked against the
+        # stored one), merged with the fixed rows of benchmarks/fidelity.json
     python scripts/bench_fidelity.py --quick    # 8 shapes, 12 steps, intervals 3 and 6
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -15,24 +20,60 @@ sys.path.insert(0, str(ROOT))
 
 from hicache3d.bench import run_sweep, write_reports  # noqa: E402
 
+BASES = ["reuse", "taylor", "hermite", "dmd", "auto"]
+TOLERANCES = [0.25, 0.5, 1.0, 2.0, 4.0]
+ADAPTIVE_BASES = ["hermite"]
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="8 shapes, 12 steps, a few settings")
+    ap.add_argument("--adaptive-only", action="store_true",
+                    help="run the adaptive rows; keep the fixed rows of the stored JSON (checked on one row per step count)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the Markdown and PNG from the stored benchmarks/fidelity.json")
     ap.add_argument("--shapes", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tolerances", default=",".join(map(str, TOLERANCES)))
+    ap.add_argument("--adaptive-bases", default=",".join(ADAPTIVE_BASES))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if a.quick:
-        res = run_sweep(["reuse", "taylor", "hermite", "dmd", "auto"], [3, 6], [12], shapes_n=8,
-                        progress=print)
+    tols = [float(x) for x in a.tolerances.split(",")]
+    adaptive = {b: tols for b in a.adaptive_bases.split(",")}
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    if a.report_only:
+        res = json.loads((a.out / "fidelity.json").read_text())
+        stem = "fidelity"
+    elif a.quick:
+        res = run_sweep(BASES, [3, 6], [12], shapes_n=8, progress=print,
+                        adaptive={"hermite": [0.5, 2.0]})
         stem = "fidelity_quick"
+    elif a.adaptive_only:
+        old = json.loads((a.out / "fidelity.json").read_text())
+        fixed = [r for r in old["rows"] if r.get("schedule", "fixed") == "fixed"]
+        check_base = a.adaptive_bases.split(",")[0]
+        res = run_sweep(list(adaptive), [4], [12, 25, 50], shapes_n=a.shapes, progress=say,
+                        adaptive=adaptive)
+        checks = []
+        for r in [r for r in res["rows"] if r["schedule"] == "fixed"]:
+            o = next(o for o in fixed if o["steps"] == r["steps"] and o["backend"] == r["backend"]
+                     and o["interval"] == r["interval"])
+            checks.append({"steps": r["steps"], "backend": r["backend"], "interval": r["interval"],
+                           "iou_mean_now": r["iou_mean"], "iou_mean_stored": o["iou_mean"],
+                           "identical": abs(r["iou_mean"] - o["iou_mean"]) < 1e-12})
+            say(f"check steps {r['steps']} {check_base} interval {r['interval']}: IoU now "
+                f"{r['iou_mean']:.6f}, stored {o['iou_mean']:.6f}")
+        for r in fixed:
+            r.setdefault("schedule", "fixed")
+            r.setdefault("tolerance", None)
+        res["rows"] = fixed + [r for r in res["rows"] if r["schedule"] == "adaptive"]
+        res["fixed_rows_check"] = checks
+        stem = "fidelity"
     else:
         # reports are rewritten after every block, so an interrupted sweep keeps what it did
-        res = run_sweep(["reuse", "taylor", "hermite", "dmd", "auto"], list(range(2, 9)), [12, 25, 50],
-                        shapes_n=a.shapes, progress=lambda s: print(s, flush=True),
-                        checkpoint=lambda r: write_reports(r, a.out, "fidelity"))
+        res = run_sweep(BASES, list(range(2, 9)), [12, 25, 50], shapes_n=a.shapes, progress=say,
+                        adaptive=adaptive, checkpoint=lambda r: write_reports(r, a.out, "fidelity"))
         stem = "fidelity"
     for p in write_reports(res, a.out, stem):
         print("wrote", p)

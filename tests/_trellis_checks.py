@@ -88,6 +88,28 @@ def batch_independence(E, s, recipe_name, sample_dense, sample_sparse, SparseTen
             assert max(dd) < tol, (backend, dd)
 
 
+def adaptive_check(E, stages, recipe_name, call, uncached_forwards):
+    """Adaptive schedule on every site: fewer network forwards than uncached, a per-step
+    trace with the reasons, a result close to uncached; tolerance 0 is bit-identical."""
+    for site, (model, fn, _) in stages.items():
+        s = E.make_sampler("interval")
+        ref = call(fn, s, model).samples
+        with hicache3d.accelerate(s, recipe_name, schedule="adaptive", tolerance=0.5) as run:
+            with E.count_calls(model) as c:
+                out = call(fn, s, model).samples
+        st = run.stats["runs"][-1]["sites"][site]
+        assert 0 < c.n < uncached_forwards(site), (site, c.n, st.get("pattern"))
+        assert st["forecast"] > 0 and len(st["pattern"]) == 12 and sum(st["reasons"].values()) == st["computed"]
+        assert any(r["observed"] is not None for r in st["trace"]), st["trace"]
+        FIGURES[site + "_adaptive"] = {"calls": c.n, "uncached_calls": uncached_forwards(site),
+                                       "pattern": st["pattern"], "drift": drift(out, ref)}
+        assert drift(out, ref) < 0.5, (site, drift(out, ref))      # random tiny weights
+        with hicache3d.accelerate(s, recipe_name, schedule="adaptive", tolerance=0.0):
+            with E.count_calls(model) as c:
+                assert same(call(fn, s, model).samples, ref), site
+        assert c.n == uncached_forwards(site)
+
+
 class Pipe:
     """Stands for a pipeline object: only its sampler attributes matter to the adapter."""
 
@@ -156,6 +178,11 @@ def v1():
                 ref = fn(s, model).samples
                 with hicache3d.accelerate(s, "trellis", interval=1):
                     assert same(fn(s, model).samples, ref), (site, kind)
+
+    @check
+    def adaptive_fewer_calls():
+        adaptive_check(E, stages, "trellis", lambda fn, s, model: fn(s, model),
+                       lambda site: sum(forwards("interval", site)))
 
     @check
     def cfg_and_plain_samplers():
@@ -337,6 +364,11 @@ def v2():
                 ref = fn(s).samples
                 with hicache3d.accelerate(s, "trellis2", interval=1):
                     assert same(fn(s).samples, ref), (site, kind)
+
+    @check
+    def adaptive_fewer_calls():
+        adaptive_check(E, stages, "trellis2", lambda fn, s, model: fn(s),
+                       lambda site: sum(forwards(site)))
 
     @check
     def pipeline_object_and_cascade():

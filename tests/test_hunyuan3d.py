@@ -71,6 +71,23 @@ def test_interval_one_is_bit_identical(pipe):
     assert torch.equal(out, ref) and c.n == STEPS - 1      # only the dt = 0 call saved
 
 
+def test_adaptive_schedule_makes_fewer_calls(pipe):
+    ref = latents(pipe)
+    with hicache3d.accelerate(pipe, schedule="adaptive", tolerance=1.0) as run:
+        with H.count_calls(net(pipe)) as c:
+            out = latents(pipe)
+    st = run.stats["runs"][-1]["sites"]["shape"]
+    assert 0 < c.n < STEPS - 1 and st["forecast"] > 0, st.get("pattern")
+    # the dt = 0 last step goes through the cache's one path too: recorded as skipped
+    assert len(st["pattern"]) == STEPS and st["pattern"].endswith("-") and st["skipped"] == 1
+    assert any(r["observed"] is not None for r in st["trace"])
+    assert float((out - ref).norm() / ref.norm()) < 0.3
+    with hicache3d.accelerate(pipe, schedule="adaptive", tolerance=0.0):
+        with H.count_calls(net(pipe)) as c:
+            assert torch.equal(latents(pipe), ref)
+    assert c.n == STEPS - 1
+
+
 def test_cfg_batch_items_are_fitted_independently(pipe):
     with hicache3d.accelerate(pipe, backend="dmd", interval=3) as run:
         latents(pipe)

@@ -115,6 +115,23 @@ def test_interval_one_is_bit_identical(site, ss, slat, refs):
     assert same(out, refs[site]) and c.n == S.expected_calls(STEPS, 3, (0, 500), 7)
 
 
+@pytest.mark.parametrize("site", ["sparse_structure", "slat"])
+def test_adaptive_schedule_makes_fewer_calls(site, ss, slat, refs):
+    gen = ss if site == "sparse_structure" else slat
+    uncached = S.expected_calls(STEPS, 3, (0, 500), 7)
+    with hicache3d.accelerate(gen, "sam3d", schedule="adaptive", tolerance=1.0) as run:
+        with S.count_calls(net(gen)) as c:
+            out = GENERATE[site](gen)
+    st = run.stats["runs"][-1]["sites"][site]
+    assert 0 < c.n < uncached and st["forecast"] > 0, st.get("pattern")
+    assert len(st["pattern"]) == STEPS and sum(st["reasons"].values()) == st["computed"]
+    assert drift(out, refs[site]) < 0.3
+    with hicache3d.accelerate(gen, "sam3d", schedule="adaptive", tolerance=0.0):
+        with S.count_calls(net(gen)) as c:
+            assert same(GENERATE[site](gen), refs[site])
+    assert c.n == uncached
+
+
 def test_slat_token_count_changes_per_object(slat):
     with hicache3d.accelerate(slat, "sam3d") as run:
         a = S.generate_slat(slat, S.make_coords(1, 200))

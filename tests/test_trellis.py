@@ -18,10 +18,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-V1 = ["sparse_structure_defaults", "slat_defaults", "interval_one_is_bit_identical", "cfg_and_plain_samplers",
+V1 = ["sparse_structure_defaults", "slat_defaults", "interval_one_is_bit_identical", "adaptive_fewer_calls",
+      "cfg_and_plain_samplers",
       "pipeline_object_sites_by_attribute_and_disable", "run_multi_image_instance_replacement",
       "batch_of_two_items_are_independent", "class_patch_sites_by_latent", "other_family_is_refused"]
 V2 = ["sparse_structure_defaults", "shape_slat_defaults", "tex_slat_defaults", "interval_one_is_bit_identical",
+      "adaptive_fewer_calls",
       "pipeline_object_and_cascade", "batch_of_two_items_are_independent", "class_patch_sites_by_call",
       "other_family_is_refused"]
 

@@ -286,6 +286,33 @@ class Forecaster:
         self.last_labels = labels
         return self.store.combine(W)
 
+    def newest_error(self) -> Optional[np.ndarray]:
+        """Relative error per batch item, ``|sum_j w_j V_j - V_new| / |V_new|``, of the
+        forecast of the newest snapshot from the snapshots before it, with the basis that
+        would serve each item (the first of :meth:`chain` that fits); computed from the
+        Gram matrix (``w^T G w - 2 w^T g + G_nn``), no pass over the data.  ``None`` with
+        fewer than two snapshots.  The serving labels go to ``last_error_labels``."""
+        if not self.ready() or len(self.store) < 2:
+            return None
+        t, G = self._window()
+        n = len(t)
+        out = np.full(self.store.items, np.inf)
+        self.last_error_labels = []
+        for item in range(self.store.items):
+            label = "none"
+            for spec in self.chain(item):
+                try:
+                    w = self._weights(spec, item, float(t[n - 1]), n=n - 1)
+                except FitError:
+                    continue
+                Gi = G[item]
+                err2 = float(w @ Gi[:n - 1, :n - 1] @ w - 2.0 * w @ Gi[:n - 1, n - 1] + Gi[n - 1, n - 1])
+                out[item] = np.sqrt(max(err2, 0.0) / max(float(Gi[n - 1, n - 1]), 1e-300))
+                label = spec.label
+                break
+            self.last_error_labels.append(label)
+        return out
+
 
 def make_forecaster(name: str = "dmd", history: int = 6, **options: Any) -> Forecaster:
     """Build a forecaster: ``"reuse" | "taylor" | "hermite" | "dmd" | "auto"``.
