@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 
 from .cache import CacheStats
-from .patching import Controller, RunRecord, _instance_controllers
+from .patching import _SCOPED, Controller, RunRecord, _instance_controllers
 from .recipe import Recipe, RecipeError, get_recipe, known_recipes
 
 __all__ = ["Acceleration", "accelerate", "enable", "disable", "detect_recipe"]
@@ -78,18 +79,33 @@ def _settings(recipe: Recipe, settings: Mapping[str, Any],
 def enable(pipeline: Any, recipe: Union[str, Recipe, None] = None, *,
            sites: Optional[Mapping[str, Mapping[str, Any]]] = None, **settings: Any) -> Acceleration:
     """Accelerate one pipeline object until :func:`disable`.  ``settings`` apply to every
-    site (``backend=``, ``interval=`` ...); ``sites={"shape": {"interval": 3}}`` per site."""
-    from .patches import adapter_class
+    site (``backend=``, ``interval=`` ...); ``sites={"shape": {"interval": 3}}`` per site.
+    Enabling an enabled pipeline replaces its settings."""
     if isinstance(pipeline, type):
         raise TypeError("enable() takes a pipeline object, not a class (use `hicache3d patch` "
                         "to accelerate every pipeline of an installed generator)")
-    if pipeline in _instance_controllers:
-        disable(pipeline)
-    if recipe is None:
-        recipe = detect_recipe(pipeline)
-    elif isinstance(recipe, str):
-        recipe = get_recipe(recipe)
-    recipe = _settings(recipe, settings, sites)
+    with _LOCK:
+        if pipeline in _instance_controllers:
+            disable(pipeline)
+        base = _base(pipeline, recipe)
+        handle = _enable(pipeline, _settings(base, settings, sites))
+        handle.controller.base_recipe = base
+        return handle
+
+
+def _base(pipeline: Any, recipe: Union[str, Recipe, None]) -> Recipe:
+    """The recipe asked for (a name, a ``.toml`` path, a Recipe; anything else is a clear
+    TypeError), or the one matching ``pipeline``."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    return detect_recipe(pipeline) if recipe is None else get_recipe(recipe)
+
+
+_LOCK = threading.RLock()       # enable / disable / entering and leaving accelerate blocks
+
+
+def _enable(pipeline: Any, recipe: Recipe) -> Acceleration:
+    from .patches import adapter_class
     controller = Controller(recipe, scope="object")
     adapter = adapter_class(recipe.adapter)(recipe)
     try:
@@ -114,12 +130,68 @@ def _forget(controller: Controller) -> None:
 
 
 def disable(pipeline: Any) -> Optional[Acceleration]:
-    """Undo :func:`enable`: the pipeline (and every sampler it holds) is restored exactly."""
-    controller = _instance_controllers.get(pipeline)
-    if controller is None:
-        return None
-    _forget(controller)
-    return getattr(controller, "handle", None)
+    """Undo :func:`enable`: the pipeline (and every sampler it holds) is restored exactly
+    (inside ``accelerate`` blocks on it, this ends all of them)."""
+    with _LOCK:
+        controller = _instance_controllers.get(pipeline)
+        if controller is None:
+            return None
+        for c in controller.group or ():
+            c.enabled = False
+        if controller.group is not None:
+            controller.group.clear()
+        _forget(controller)
+        return getattr(controller, "handle", None)
+
+
+def _enter(pipeline: Any, recipe: Union[str, Recipe, None], settings: Mapping[str, Any],
+           sites: Optional[Mapping[str, Mapping[str, Any]]]) -> Acceleration:
+    """Open one ``accelerate`` block: the first one on ``pipeline`` patches it; one opened
+    while another is open (nested, or in another thread) shares the patches and brings
+    its own settings and records."""
+    with _LOCK:
+        try:
+            outer = _instance_controllers.get(pipeline)
+        except TypeError:
+            outer = None
+        if outer is None or outer.group is None or not outer.enabled:
+            handle = enable(pipeline, recipe, sites=sites, **settings)
+            handle.controller.group = [handle.controller]
+            return handle
+        base = getattr(outer, "base_recipe", None) if recipe is None else None
+        base = base or _base(pipeline, recipe)
+        recipe = _settings(base, settings, sites)
+        if recipe.name != outer.recipe.name:
+            raise RecipeError(f"{type(pipeline).__qualname__} is already accelerated with recipe "
+                              f"{outer.recipe.name!r} by an enclosing accelerate block; a nested "
+                              f"block must use the same recipe (leave the outer block first)")
+        controller = Controller(recipe, scope="object")
+        controller.patches = outer.patches               # one set of patches per object
+        controller.group = outer.group
+        controller.group.append(controller)
+        controller.base_recipe = base
+        for obj in [o for o, c in list(_instance_controllers.items()) if c is outer]:
+            _instance_controllers[obj] = controller
+        handle = Acceleration(pipeline, recipe, controller)
+        controller.handle = handle
+        return handle
+
+
+def _leave(controller: Controller) -> None:
+    """Close one ``accelerate`` block: the enclosing (or still open) block's settings apply
+    again; the last one restores the pipeline exactly."""
+    with _LOCK:
+        group = controller.group
+        controller.enabled = False
+        if group is None or controller not in group:
+            return                       # already ended by disable()
+        group.remove(controller)
+        if not group:
+            _forget(controller)
+            return
+        top = group[-1]
+        for obj in [o for o, c in list(_instance_controllers.items()) if c is controller]:
+            _instance_controllers[obj] = top
 
 
 @contextlib.contextmanager
@@ -128,9 +200,16 @@ def accelerate(pipeline: Any, recipe: Union[str, Recipe, None] = None, *,
                **settings: Any) -> Iterator[Acceleration]:
     """``with accelerate(pipeline, backend="dmd", interval=5) as run:`` accelerates that
     one pipeline inside the block and restores it exactly on exit; ``run.stats`` reports
-    what was computed and skipped."""
-    handle = enable(pipeline, recipe, sites=sites, **settings)
+    what was computed and skipped.
+
+    Blocks may nest on one pipeline (same recipe): the inner block's settings apply inside
+    it, and the outer block's again after it.  Threads may share one pipeline: each
+    thread's runs use the settings of its own innermost block (a thread that opened none
+    uses the latest block opened), and each block's ``runs`` holds its own runs only."""
+    handle = _enter(pipeline, recipe, settings, sites)
+    token = _SCOPED.set(_SCOPED.get() + (handle.controller,))
     try:
         yield handle
     finally:
-        disable(pipeline)
+        _SCOPED.reset(token)
+        _leave(handle.controller)

@@ -124,12 +124,11 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sch
       hicache3d patch --recipe my_sampler.toml
     """
     from .inplace import InPlaceError, write_patch
-    from .recipe import RecipeError, for_module, get_recipe, installed_module, version_status
+    from .recipe import RecipeError
     if bool(model) == bool(recipe_path):
         raise click.UsageError("give exactly one of --model NAME or --recipe FILE.toml")
     try:
-        ref = model or str(Path(recipe_path).resolve())
-        recipe = get_recipe(ref)
+        recipe, ref = _patch_recipe(model, recipe_path)
         if interval is not None and schedule is None and tolerance is None:
             schedule = "fixed"                    # an interval asks for the fixed cadence
         common = {k: v for k, v in dict(backend=backend, interval=interval,
@@ -138,25 +137,121 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sch
                   if v is not None}
         sites = _parse_site_overrides(site_overrides)
         recipe.with_settings(common, sites)              # validates every value
-        found = installed_module(recipe)
-        source_install = found is not None and found != recipe.module
-        if found is not None:
-            recipe = for_module(recipe, found)
-        version, ok = version_status(recipe)
-        if source_install:
-            click.echo(f"note: {found} is a source install of {recipe.name}; its version is not "
-                       f"checked", err=True)
-        elif recipe.package and (version is None or not ok):
-            what = (f"{recipe.package} is not installed" if version is None else
-                    f"{recipe.package} {version} is outside the supported range {recipe.versions}")
-            if not force:
-                raise click.ClickException(f"{what}; install it first, or pass --force")
-            click.echo(f"warning: {what}; patching anyway (--force)", err=True)
-        path = write_patch(recipe, ref, common, sites, force, user)
+        recipe, also, checkout = _check_install(recipe, force, validate_targets=bool(recipe_path))
+        path, previous = write_patch(recipe, ref, common, sites, force, user, also=also,
+                                     checkout=checkout)
     except (RecipeError, InPlaceError, ValueError) as e:
         raise click.ClickException(str(e))
+    if previous is not None:
+        was = {k: previous.get(k) for k in ("settings", "sites") if previous.get(k)}
+        click.echo(f"note: {recipe.name} was already patched; its earlier settings "
+                   f"({was or 'recipe defaults'}) are replaced by these", err=True)
     click.echo(f"patched {recipe.name} in place ({path}); every new Python process that "
-               f"imports {recipe.module} runs accelerated")
+               f"imports {' or '.join([recipe.module, *also])} runs accelerated")
+
+
+def _patch_recipe(model, recipe_path):
+    """The recipe to patch and the reference stored in the config (a name, or a file path)."""
+    from .recipe import RecipeError, builtin_names, get_recipe, load_recipe
+    if model:
+        if model.endswith(".toml") or "/" in model or os.sep in model:
+            raise RecipeError(f"--model takes a recipe name (see `hicache3d recipes`); for a "
+                              f"file use --recipe {model}")
+        return get_recipe(model), model
+    path = Path(recipe_path).resolve()
+    recipe = load_recipe(path)
+    if recipe.name in builtin_names():
+        raise RecipeError(f"recipe {path} is named {recipe.name!r}, like a built-in recipe; give "
+                          f"it a name of its own (name = \"my-{recipe.name}\") so that both "
+                          f"can be patched and told apart")
+    from .patches import adapter_class
+    adapter_class(recipe.adapter)                        # a clear error for an unknown adapter
+    return recipe, str(path)
+
+
+def _check_install(recipe, force, validate_targets):
+    """Find the generator (this interpreter's path, the current directory, PYTHONPATH),
+    check its version where distribution metadata exists, and (for a user's recipe) that
+    its targets stay inside its own package and resolve.  Returns the recipe for the module
+    name found, the other module names to hook, and the source checkout found (or None)."""
+    from .recipe import RecipeError, find_install, for_module, version_in_range
+    _check_scope(recipe)
+    inst = find_install(recipe)
+    if inst.found:
+        recipe = for_module(recipe, inst.module)
+    problem = None
+    if inst.owner is not None and recipe.package:
+        problem = (f"{inst.package_dir} belongs to {inst.owner}, not to {recipe.package} "
+                   f"(the {recipe.name} recipe's distribution): is this the right model?")
+    elif inst.version is not None and recipe.versions and not version_in_range(inst.version, recipe.versions):
+        problem = f"{recipe.package} {inst.version} is outside the supported range {recipe.versions}"
+    if problem is not None:
+        if not force:
+            raise click.ClickException(f"{problem}; pass --force to patch anyway")
+        click.echo(f"warning: {problem}; patching anyway (--force)", err=True)
+    also, checkout = (), None
+    if inst.source_checkout:
+        checkout = str(inst.package_dir)
+        click.echo(f"note: {recipe.module} is a source checkout at {inst.package_dir} (found in the "
+                   f"{inst.where}; no distribution metadata, so no version check); the sampler's "
+                   f"signature is checked when it is imported", err=True)
+    elif not inst.found:
+        also = tuple(recipe.alt_modules)
+        names = " or ".join((recipe.module,) + also)
+        click.echo(f"note: {names} is not importable here (looked in this interpreter's path, "
+                   f"the current directory and PYTHONPATH); the patch applies when a process "
+                   f"imports it, e.g. a script run from the generator's source checkout", err=True)
+    if validate_targets and inst.found:
+        _check_targets(recipe, None if inst.where == "interpreter path" else inst.folder)
+    return recipe, also, checkout
+
+
+def _check_scope(recipe):
+    """A recipe may only patch code of its own generator: never the standard library, nor
+    hicache3d's own engine (the bundled generator excepted)."""
+    from .recipe import RecipeError
+    mods = {recipe.module, *recipe.alt_modules}
+    for target in [recipe.run or ""] + [s.step or "" for s in recipe.sites]:
+        if ":" in target:
+            mods.add(target.split(":", 1)[0])
+    for mod in sorted(mods):
+        top = mod.split(".")[0]
+        if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+            raise RecipeError(f"recipe {recipe.name!r} targets {mod!r}, a module of Python's "
+                              f"standard library: patching it would change every program in "
+                              f"this environment; point module/run/step at the generator's code")
+        if top == "hicache3d" and not mod.startswith("hicache3d.bundled"):
+            raise RecipeError(f"recipe {recipe.name!r} targets {mod!r}, part of hicache3d itself")
+    own = {recipe.module.split(".")[0], *(m.split(".")[0] for m in recipe.alt_modules)}
+    for mod in sorted(mods):
+        if mod.split(".")[0] not in own:
+            raise RecipeError(f"recipe {recipe.name!r}: target module {mod!r} is outside the "
+                              f"recipe's package {' / '.join(sorted(own))}; a recipe patches only "
+                              f"its own generator's code")
+
+
+def _check_targets(recipe, folder=None):
+    """Import the user recipe's module (from ``folder``, where it was found, if not on this
+    interpreter's path) and resolve its run and step targets."""
+    from .patches import adapter_class
+    from .patches.base import resolve
+    from .recipe import RecipeError
+    if folder is not None:
+        sys.path.insert(0, str(folder))
+    try:
+        adapter = adapter_class(recipe.adapter)(recipe)
+        adapter.run_target()
+        for s in recipe.sites:
+            if s.step:
+                resolve(recipe, s.step)
+    except RecipeError:
+        raise
+    except Exception as e:              # importing the user's module failed
+        click.echo(f"note: could not import {recipe.module} to check the recipe's targets "
+                   f"({type(e).__name__}: {e}); they are checked when a process imports it", err=True)
+    finally:
+        if folder is not None and str(folder) in sys.path:
+            sys.path.remove(str(folder))
 
 
 @main.command("unpatch")
@@ -165,7 +260,7 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sch
 @click.option("--user", is_flag=True, help="The user site-packages instead of the active environment.")
 def unpatch_cmd(models, all_, user):
     """Undo `hicache3d patch`: remove the config entry and, with the last one, both files."""
-    from .inplace import remove_patch
+    from .inplace import remove_patch, site_dir
     if not models and not all_:
         raise click.UsageError("give --model NAME or --all")
     removed, deleted = remove_patch(None if all_ else list(models), user)
@@ -174,6 +269,8 @@ def unpatch_cmd(models, all_, user):
         click.echo(f"unpatched {n}")
     for p in deleted:
         click.echo(f"removed {p}")
+    if all_ and not removed and not deleted:
+        click.echo(f"nothing was patched in place ({site_dir(user)}): nothing to undo")
     if missing:
         raise click.ClickException(f"not patched: {', '.join(missing)}")
 
@@ -199,7 +296,9 @@ def status_cmd(user):
     if disabled():
         click.echo("HICACHE3D_DISABLE is set: this process runs unpatched")
     for name, entry in sorted(models.items()):
-        click.echo(f"- {name} (module {entry['module']}, recipe {entry['recipe']})")
+        also = [m for m in entry.get("also", []) if isinstance(m, str)]
+        click.echo(f"- {name} (module {' or '.join([entry['module'], *also])}, recipe {entry['recipe']})")
+        click.echo(f"    generator: {_install_state(entry['recipe'], entry.get('checkout'))}")
         click.echo(f"    settings: {entry.get('settings') or 'recipe defaults'}")
         for site, ov in (entry.get("sites") or {}).items():
             click.echo(f"    site {site}: {ov}")
@@ -207,18 +306,36 @@ def status_cmd(user):
             click.echo("    forced (version check overridden)")
 
 
+def _install_state(recipe, recorded=None) -> str:
+    """One phrase: where the recipe's generator is, as this process sees it."""
+    from .recipe import RecipeError, find_install, get_recipe, version_in_range
+    try:
+        recipe = get_recipe(recipe)
+    except (RecipeError, TypeError) as e:
+        return f"recipe unreadable ({e})"
+    inst = find_install(recipe)
+    if inst.found and inst.module.split(".")[0] == "hicache3d":
+        return "shipped with hicache3d"
+    if inst.source_checkout:
+        return f"source checkout at {inst.package_dir}"
+    if inst.version is not None and recipe.package:
+        ok = not recipe.versions or version_in_range(inst.version, recipe.versions)
+        return f"{recipe.package} {inst.version} ({'supported' if ok else 'outside ' + recipe.versions})"
+    if inst.owner is not None:
+        return f"{inst.module} from {inst.owner}" + (f" (not {recipe.package})" if recipe.package else "")
+    if inst.found:
+        return f"{inst.module} at {inst.folder}"
+    if recorded:
+        return f"not importable here; patched from the source checkout at {recorded}"
+    return "not installed (or not importable from here)"
+
+
 @main.command("recipes")
 def recipes_cmd():
     """List the known models, whether each is installed, and its version vs the supported range."""
-    from .recipe import known_recipes, version_status
+    from .recipe import known_recipes
     for name, r in sorted(known_recipes().items()):
-        version, ok = version_status(r)
-        if not r.package:
-            state = "no package check"
-        elif version is None:
-            state = "not installed"
-        else:
-            state = f"{r.package} {version} ({'supported' if ok else 'outside ' + r.versions})"
+        state = _install_state(r)
         sites = ", ".join(f"{s.name}: {s.config.backend}/{s.config.interval}" for s in r.sites)
         click.echo(f"{name:18s} {state:40s} sites [{sites}]  {r.description}")
 

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ._bootstrap import CONFIG_NAME, PTH_NAME, read_config
-from .mesh import atomic_write
+from ._io import atomic_write
 from .patching import Controller
 from .recipe import Recipe, RecipeError, for_module, get_recipe, version_status
 
-__all__ = ["InPlaceError", "target_dir", "write_patch", "remove_patch", "read_patches",
+__all__ = ["InPlaceError", "site_dir", "target_dir", "write_patch", "remove_patch", "read_patches",
            "install_entry", "inplace_controllers"]
 
 PTH_LINE = ("import importlib.util as _h3; "
@@ -29,14 +29,36 @@ class InPlaceError(RuntimeError):
     """In-place patching cannot be done as asked."""
 
 
+def site_dir(user: bool = False) -> Path:
+    """The site-packages folder of the in-place files: the active environment's, or the
+    user site-packages (``--user``)."""
+    return Path(site.getusersitepackages() if user else sysconfig.get_paths()["purelib"])
+
+
+def in_venv() -> bool:
+    return sys.prefix != getattr(sys, "base_prefix", sys.prefix)
+
+
 def target_dir(user: bool = False) -> Path:
-    """The site-packages folder that receives the files (must be writable)."""
-    d = Path(site.getusersitepackages() if user else sysconfig.get_paths()["purelib"])
-    probe_dir = d if d.exists() else d.parent
-    if not os.access(probe_dir, os.W_OK):
+    """The site-packages folder that receives the files (must be writable, and read at
+    start-up by this interpreter)."""
+    d = site_dir(user)
+    if user and in_venv():
+        raise InPlaceError(f"--user writes to the user site-packages ({d}), which this virtual "
+                           f"environment ({sys.prefix}) never reads (user site-packages are off in "
+                           f"a venv); run `hicache3d patch` without --user to patch this environment")
+    if user and not site.ENABLE_USER_SITE:
+        raise InPlaceError(f"--user writes to the user site-packages ({d}), which this interpreter "
+                           f"does not read (user site-packages are disabled: python -s or "
+                           f"PYTHONNOUSERSITE); run `hicache3d patch` without --user")
+    probe = d
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
         hint = ("activate a virtual environment (python -m venv .venv) or pass --user"
                 if not user else "use a virtual environment")
-        raise InPlaceError(f"cannot write to {d}: permission denied; {hint}")
+        what = "permission denied" if probe == d else f"it does not exist and {probe} is not writable"
+        raise InPlaceError(f"cannot write to {d}: {what}; {hint}")
     return d
 
 
@@ -56,21 +78,31 @@ def _load(d: Path) -> Dict[str, Any]:
 
 
 def write_patch(recipe: Recipe, recipe_ref: str, settings: Mapping[str, Any],
-                sites: Mapping[str, Mapping[str, Any]], force: bool, user: bool = False) -> Path:
-    """Record ``recipe`` (with overrides) as patched in place; returns the config path."""
+                sites: Mapping[str, Mapping[str, Any]], force: bool, user: bool = False,
+                also: Tuple[str, ...] = (), checkout: Optional[str] = None
+                ) -> Tuple[Path, Optional[Dict[str, Any]]]:
+    """Record ``recipe`` (with overrides) as patched in place; returns the config path and
+    the entry it replaced (``None`` when the model was not patched before).  ``also``: more
+    module names to hook (the recipe's other names, when none was found at patch time)."""
     d = target_dir(user)
     data = _load(d)
-    data["models"][recipe.name] = {"recipe": recipe_ref, "module": recipe.module,
-                                   "settings": dict(settings), "sites": {k: dict(v) for k, v in sites.items()},
-                                   "force": bool(force)}
+    previous = data["models"].get(recipe.name)
+    entry: Dict[str, Any] = {"recipe": recipe_ref, "module": recipe.module,
+                             "settings": dict(settings), "sites": {k: dict(v) for k, v in sites.items()},
+                             "force": bool(force)}
+    if also:
+        entry["also"] = [m for m in also if m != recipe.module]
+    if checkout:
+        entry["checkout"] = checkout
+    data["models"][recipe.name] = entry
     _atomic_write(d / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
     _atomic_write(d / PTH_NAME, PTH_LINE)
-    return d / CONFIG_NAME
+    return d / CONFIG_NAME, previous
 
 
 def remove_patch(names: Optional[List[str]], user: bool = False) -> Tuple[List[str], List[Path]]:
     """Remove models (``None``: all); returns (removed names, files deleted)."""
-    d = Path(site.getusersitepackages() if user else sysconfig.get_paths()["purelib"])
+    d = site_dir(user)
     cfg, pth = d / CONFIG_NAME, d / PTH_NAME
     deleted: List[Path] = []
     if not cfg.exists():
@@ -98,21 +130,22 @@ def remove_patch(names: Optional[List[str]], user: bool = False) -> Tuple[List[s
 
 
 def read_patches(user: bool = False) -> Tuple[Path, Dict[str, Any]]:
-    d = Path(site.getusersitepackages() if user else sysconfig.get_paths()["purelib"])
-    p = d / CONFIG_NAME
+    p = site_dir(user) / CONFIG_NAME
     if not p.exists():
         return p, {}
     return p, read_config(str(p))["models"]
 
 
-def install_entry(name: str, entry: Mapping[str, Any]) -> Controller:
-    """Apply one config entry (called by the post-import hook)."""
+def install_entry(name: str, entry: Mapping[str, Any], module: Optional[str] = None) -> Controller:
+    """Apply one config entry (called by the post-import hook of ``module``, one of the
+    entry's module names)."""
     from .patches import adapter_class
     if name in inplace_controllers:
         return inplace_controllers[name]
     recipe = get_recipe(entry["recipe"]).with_settings(entry.get("settings", {}), entry.get("sites", {}))
-    source_install = entry["module"] != recipe.module      # an alternative module name
-    recipe = for_module(recipe, entry["module"])
+    module = module or entry["module"]
+    source_install = module != recipe.module      # an alternative module name
+    recipe = for_module(recipe, module)
     version, ok = version_status(recipe)
     if recipe.package and version is not None and not ok and not source_install:
         msg = f"{recipe.package} {version} is outside the supported range {recipe.versions}"

@@ -9,12 +9,13 @@ IoU of the two solids at ``resolution``^3 (inside test by ray parity along z).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Union
 
 import numpy as np
 import torch
+
+from ._io import atomic_write  # noqa: F401  (re-exported: mesh.atomic_write)
 
 __all__ = ["MESH_FORMATS", "MeshError", "export_mesh", "load_mesh", "normalize_unit_cube",
            "voxelize", "compare_meshes"]
@@ -32,25 +33,6 @@ def _ext(path: Union[str, Path]) -> str:
         raise MeshError(f"unsupported output extension {Path(path).suffix or '(none)'!r} for "
                         f"{path}; use one of: {', '.join('.' + e for e in MESH_FORMATS)}")
     return ext
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` completely or not at all: a temporary file in the same
-    folder (with the usual permissions), then an atomic rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def export_mesh(mesh, path: Union[str, Path]) -> Path:

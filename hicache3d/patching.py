@@ -166,6 +166,9 @@ class Controller:
         self._lock = threading.Lock()
         self._pool = threading.local()
         self.patches: List[Any] = []
+        # the controllers of nested / concurrent ``accelerate`` blocks on one object share one
+        # list (innermost last) and one set of patches; see ``controller_for``
+        self.group: Optional[List["Controller"]] = None
 
     def take_cache(self, site: str) -> VelocityCache:
         """A reset cache for ``site``: reused from this thread's pool (its buffers stay
@@ -227,6 +230,13 @@ def uncached():
         _UNCACHED.reset(off)
 
 
+# the ``accelerate`` blocks open in this context (innermost last): a run uses the settings
+# of the innermost block of its own thread, even while another thread's block on the same
+# object is open
+_SCOPED: contextvars.ContextVar[Tuple[Controller, ...]] = contextvars.ContextVar("hicache3d_scoped",
+                                                                                 default=())
+
+
 def controller_for(instance: Any, default: Optional[Controller]) -> Optional[Controller]:
     if _UNCACHED.get():
         return None
@@ -234,6 +244,11 @@ def controller_for(instance: Any, default: Optional[Controller]) -> Optional[Con
         ctl = _instance_controllers.get(instance)
     except TypeError:
         ctl = None
+    if ctl is not None and ctl.group is not None:
+        for c in reversed(_SCOPED.get()):
+            if c.group is ctl.group and c.enabled:
+                ctl = c
+                break
     ctl = ctl or default
     return ctl if ctl is not None and ctl.enabled else None
 

@@ -27,11 +27,16 @@ module whose folder holds ``*.toml`` files).
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from .config import CacheConfig
 
@@ -40,8 +45,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Recipe", "RecipeError", "SiteSpec", "load_recipe", "known_recipes", "get_recipe",
-           "version_status"]
+__all__ = ["Recipe", "RecipeError", "SiteSpec", "Install", "load_recipe", "known_recipes", "get_recipe",
+           "find_install", "version_status", "version_in_range"]
 
 _SITE_KEYS = {"step", "t_arg", "description", "options"}
 
@@ -143,6 +148,10 @@ def parse_recipe(data: Mapping[str, Any], source: str = "") -> Recipe:
                               description=table.get("description", ""), options=dict(options)))
     known = {"name", "adapter", "module", "sites", "package", "versions", "run", "weights",
              "weights_subfolder", "description", "alt_modules"}
+    versions = data.get("versions", "")
+    if not isinstance(versions, str):
+        raise RecipeError(f"recipe {data['name']!r}{where}: versions must be a string such as '>=0.1,<0.2'")
+    _specifiers(versions, f" of recipe {data['name']!r}{where}")
     alt = data.get("alt_modules", [])
     if not (isinstance(alt, list) and all(isinstance(m, str) for m in alt)):
         raise RecipeError(f"recipe {data['name']!r}{where}: alt_modules must be a list of module names")
@@ -156,6 +165,9 @@ def parse_recipe(data: Mapping[str, Any], source: str = "") -> Recipe:
 
 def load_recipe(path: "str | Path") -> Recipe:
     path = Path(path)
+    if path.suffix != ".toml":
+        what = "does not exist" if not path.exists() else f"is not a .toml file ({path.suffix or 'no suffix'})"
+        raise RecipeError(f"recipe file {path} {what}: a recipe is a TOML file named NAME.toml")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -198,69 +210,198 @@ def _entry_point_files() -> List[Tuple[str, str]]:
 def known_recipes() -> Dict[str, Recipe]:
     """All recipes: the shipped ones, then entry-point ones (which may not shadow them)."""
     out: Dict[str, Recipe] = {}
-    for text, source in _builtin_files() + _entry_point_files():
+    builtin = _builtin_files()
+    for i, (text, source) in enumerate(builtin + _entry_point_files()):
         try:
             r = parse_recipe(tomllib.loads(text), source)
         except (RecipeError, tomllib.TOMLDecodeError) as e:
             print(f"hicache3d: ignoring recipe {source}: {e}", file=sys.stderr)
             continue
-        out.setdefault(r.name, r)
+        if r.name in out:
+            print(f"hicache3d: ignoring recipe {source}: its name {r.name!r} is taken by "
+                  f"{out[r.name].source}", file=sys.stderr)
+            continue
+        out[r.name] = r
     return out
 
 
-def get_recipe(name_or_path: str) -> Recipe:
-    """A recipe by name, or from a ``.toml`` path."""
-    if name_or_path.endswith(".toml"):
-        return load_recipe(name_or_path)
+def builtin_names() -> List[str]:
+    """Names of the recipes shipped with hicache3d."""
+    names = []
+    for text, source in _builtin_files():
+        try:
+            names.append(str(tomllib.loads(text).get("name")))
+        except tomllib.TOMLDecodeError:
+            continue
+    return names
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.endswith(".toml") or "/" in ref or os.sep in ref or Path(ref).is_file()
+
+
+def get_recipe(name_or_path: "str | os.PathLike | Recipe") -> Recipe:
+    """A recipe by name, or from a ``.toml`` path (a :class:`Recipe` is returned as is)."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"recipe must be a recipe name (see `hicache3d recipes`), the path of a "
+                        f".toml recipe or a Recipe, got {type(name_or_path).__name__} {name_or_path!r}")
+    ref = os.fspath(name_or_path)
+    if _looks_like_path(ref):
+        return load_recipe(ref)
     recipes = known_recipes()
-    if name_or_path not in recipes:
-        raise RecipeError(f"unknown model {name_or_path!r}; known recipes: "
+    if ref not in recipes:
+        raise RecipeError(f"unknown model {ref!r}; known recipes: "
                           f"{', '.join(sorted(recipes)) or '(none)'} "
                           f"(or pass --recipe FILE.toml)")
-    return recipes[name_or_path]
+    return recipes[ref]
 
 
-def _parse_version(v: str) -> Tuple[int, ...]:
-    parts = []
-    for p in v.split("."):
-        num = "".join(ch for ch in p if ch.isdigit())
-        if not num:
-            break
-        parts.append(int(num))
-        if num != p:
-            break
-    return tuple(parts)
+def _specifiers(spec: str, where: str = "") -> SpecifierSet:
+    try:
+        return SpecifierSet(spec)
+    except InvalidSpecifier:
+        raise RecipeError(f"cannot read the version range {spec!r}{where} "
+                          f"(expected e.g. '>=0.1.2,<0.2' or '~=2.0')") from None
 
 
 def version_in_range(version: str, spec: str) -> bool:
-    """Minimal specifier check: comma-separated ``>=, >, <=, <, ==, !=`` clauses."""
-    v = _parse_version(version)
-    for clause in filter(None, (c.strip() for c in spec.split(","))):
-        for op in (">=", "<=", "==", "!=", ">", "<"):
-            if clause.startswith(op):
-                ref = _parse_version(clause[len(op):].strip())
-                n = max(len(v), len(ref))
-                a, b = v + (0,) * (n - len(v)), ref + (0,) * (n - len(ref))
-                ok = {">=": a >= b, "<=": a <= b, "==": a == b, "!=": a != b,
-                      ">": a > b, "<": a < b}[op]
-                if not ok:
-                    return False
+    """Whether ``version`` is inside the version range ``spec`` (PEP 440 specifiers, as pip
+    reads them: ``>=, <, ~=, ==, !=`` ... with pre-, post- and dev-releases).  An installed
+    pre-release is accepted when the range holds it."""
+    try:
+        v = Version(version)
+    except InvalidVersion:
+        return False
+    return _specifiers(spec).contains(v, prereleases=True)
+
+
+def _norm(dist_name: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist_name).lower()
+
+
+@dataclass(frozen=True)
+class Install:
+    """Where a recipe's generator code is, as seen from this process (see :func:`find_install`)."""
+
+    module: Optional[str] = None       # the first of the recipe's module names found
+    folder: Optional[Path] = None      # the import-path folder it is found in
+    where: str = ""                    # "interpreter path", "current directory" or "PYTHONPATH"
+    version: Optional[str] = None      # version of the recipe's distribution, where metadata exists
+    owner: Optional[str] = None        # another distribution that ships the module
+
+    @property
+    def found(self) -> bool:
+        return self.module is not None
+
+    @property
+    def source_checkout(self) -> bool:
+        """Found, with no distribution metadata: a source checkout (or a copy) of the code."""
+        return (self.found and self.version is None and self.owner is None
+                and self.module.split(".")[0] != "hicache3d")
+
+    @property
+    def package_dir(self) -> Optional[Path]:
+        """The top-level package folder (or module file) of the code found."""
+        if self.folder is None:
+            return None
+        top = self.folder / self.module.split(".")[0]
+        return top if top.is_dir() or not top.with_suffix(".py").is_file() else top.with_suffix(".py")
+
+
+def _spec_folder(spec: Any) -> Optional[Path]:
+    if spec is None:
+        return None
+    locs = list(spec.submodule_search_locations or [])
+    if locs:
+        return Path(locs[0]).resolve().parent
+    if spec.origin and spec.has_location:
+        return Path(spec.origin).resolve().parent
+    return None
+
+
+def _owner(top: str, folder: Path) -> Optional[Tuple[str, str]]:
+    """The distribution installed in ``folder`` that ships the top-level module ``top``."""
+    try:
+        dists = list(metadata.distributions(path=[str(folder)]))
+    except Exception:
+        return None
+    for d in dists:
+        try:
+            tops = (d.read_text("top_level.txt") or "").split()
+            if not tops:
+                tops = {Path(str(f)).parts[0].removesuffix(".py") for f in (d.files or [])}
+        except Exception:
+            continue
+        if top in tops:
+            return d.metadata["Name"], d.version
+    return None
+
+
+def search_path(cwd: "str | Path | None" = None) -> List[Tuple[Path, str]]:
+    """The folders a user's process may import from beyond this interpreter's path: the
+    current directory (a user standing in a checkout) and ``PYTHONPATH``."""
+    out = [(Path(cwd or os.getcwd()).resolve(), "current directory")]
+    for p in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if p:
+            out.append((Path(p).resolve(), "PYTHONPATH"))
+    return out
+
+
+def find_install(recipe: Recipe, cwd: "str | Path | None" = None) -> Install:
+    """Find the recipe's generator code without importing it: this interpreter's import path
+    first, then the current directory and ``PYTHONPATH``.  Code found with the recipe's
+    distribution metadata carries its version; code found without any metadata is a source
+    checkout (nothing to check the version against)."""
+    from importlib.machinery import PathFinder
+    from importlib.util import find_spec
+    names = (recipe.module,) + tuple(recipe.alt_modules)
+    hit = None
+    for mod in names:
+        try:
+            folder = _spec_folder(find_spec(mod.split(".")[0]))
+        except (ImportError, ValueError):
+            folder = None
+        if folder is not None:
+            hit = (mod, folder, "interpreter path")
+            break
+    if hit is None:
+        for folder, where in search_path(cwd):
+            for mod in names:
+                try:
+                    found = _spec_folder(PathFinder.find_spec(mod.split(".")[0], [str(folder)]))
+                except (ImportError, ValueError):
+                    found = None
+                if found is not None:
+                    hit = (mod, found, where)
+                    break
+            if hit is not None:
                 break
-        else:
-            raise RecipeError(f"cannot read version clause {clause!r}")
-    return True
+    version = owner = None
+    if recipe.package:
+        try:
+            version = metadata.version(recipe.package)
+        except metadata.PackageNotFoundError:
+            version = None
+    if hit is None:
+        return Install(version=version)
+    mod, folder, where = hit
+    own = _owner(mod.split(".")[0], folder)
+    if recipe.package and own is not None and _norm(own[0]) == _norm(recipe.package):
+        version = own[1]
+    elif own is not None:
+        owner, version = f"{own[0]} {own[1]}", None
+    elif where != "interpreter path":
+        version = None               # a checkout next to the user, not the installed copy
+    if where == "interpreter path" and folder == Path.cwd().resolve():
+        where = "current directory"
+    return Install(mod, folder, where, version, owner)
 
 
 def installed_module(recipe: Recipe) -> Optional[str]:
-    """The first of the recipe's module names whose top-level package is importable."""
-    from importlib.util import find_spec
-    for mod in (recipe.module,) + tuple(recipe.alt_modules):
-        try:
-            if find_spec(mod.split(".")[0]) is not None:
-                return mod
-        except (ImportError, ValueError):
-            continue
-    return None
+    """The first of the recipe's module names found (see :func:`find_install`)."""
+    return find_install(recipe).module
 
 
 def for_module(recipe: Recipe, module: str) -> Recipe:

@@ -246,11 +246,15 @@ def test_broken_config_never_breaks_the_interpreter(toy, venv):
     assert r.returncode == 0 and "CALLS 12" in r.stdout and "unknown model" in r.stderr
 
 
-def test_patch_refuses_unknown_model_and_missing_package(venv):
+def test_patch_refuses_unknown_model_and_notes_a_generator_not_importable_here(venv, tmp_path):
     r = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','patch','--model','nope']; main()")
     assert r.returncode != 0 and "known recipes" in r.stderr
-    r = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','patch','--model','hunyuan3d-2.1']; main()")
-    assert r.returncode != 0 and "not installed" in r.stderr and "--force" in r.stderr
+    # not importable from the CLI's path, the current directory or PYTHONPATH: the hook
+    # still fires wherever a process imports the module, so patch says so and succeeds
+    r = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','patch','--model','hunyuan3d-2.1']; main()",
+               cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "hy3dshape.pipelines is not importable here" in r.stderr and "current directory" in r.stderr
 
 
 def test_recipes_from_the_entry_point_group(tmp_path, monkeypatch):
@@ -280,9 +284,9 @@ def test_unwritable_site_packages_is_a_clear_error(monkeypatch, tmp_path):
         inplace.target_dir()
 
 
-def test_force_patches_a_missing_generator_with_a_warning(venv):
+def test_force_is_recorded_and_unpatching_an_unknown_model_fails(venv):
     r = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','patch','--model','hunyuan3d-2.1','--force']; main()")
-    assert r.returncode == 0 and "warning" in r.stderr and "--force" in r.stderr
+    assert r.returncode == 0 and "not importable here" in r.stderr
     st = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','status']; main()")
     assert "hunyuan3d-2.1" in st.stdout and "forced" in st.stdout
     r = run_py(venv, "import sys; from hicache3d.cli import main; sys.argv=['hicache3d','unpatch','--model','nope']; main()")
@@ -300,7 +304,7 @@ def test_alternative_module_name_is_patched_in_place(toy, venv):
     r = run_py(venv, f"import sys; sys.path.insert(0, {str(recipe.parent)!r}); from hicache3d.cli import main; "
                      f"sys.argv=['hicache3d','patch','--recipe',{str(alt)!r}]; main()")
     assert r.returncode == 0, r.stderr
-    assert "source install" in r.stderr
+    assert f"toy_sampler_mod is a source checkout at {recipe.parent / 'toy_sampler_mod.py'}" in r.stderr
     assert "CALLS 6" in run_py(venv, child).stdout
 
 

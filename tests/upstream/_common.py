@@ -94,8 +94,25 @@ def rerandomize_zero_params(module: torch.nn.Module, generator: torch.Generator,
     return n
 
 
+# install name -> (dependencies folder, package folder), for a run from a source checkout
+# (see ``checkout.py``): the package is imported from the checkout, its dependencies from a
+# folder that holds everything of the install but the package and its metadata
+CHECKOUT: dict = {}
+
+
+def use_checkout(name: str, deps: Path, package: Path) -> None:
+    CHECKOUT[name] = (Path(deps), Path(package))
+
+
 def ensure_installed(name: str) -> Path:
+    if name in CHECKOUT:
+        return CHECKOUT[name][0]
     return install.ensure(name)
+
+
+def package_dir(name: str, default: Path) -> Path:
+    """The package folder of install ``name``: the checkout's copy, or ``default``."""
+    return CHECKOUT[name][1] if name in CHECKOUT else default
 
 
 def keep_spconv_in_train_mode(model: torch.nn.Module) -> None:
@@ -128,7 +145,7 @@ def prepare_trellis_package(name: str, family: str, env: dict) -> Path:
 
     from . import _standins
     target = ensure_installed(name)
-    pkg = target / "trellis"
+    pkg = package_dir(name, target / "trellis")
 
     def is_other(mod) -> bool:
         path = list(getattr(mod, "__path__", []) or [])

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from . import _standins
-from ._common import count_calls, ensure_installed, prepend_sys_path, rerandomize_zero_params
+from ._common import (CHECKOUT, count_calls, ensure_installed, package_dir, prepend_sys_path,
+                      rerandomize_zero_params)
 
 __all__ = [
     "activate", "build_pipeline", "write_model_dir", "run", "make_test_image", "count_calls",
@@ -54,6 +55,17 @@ TINY = {
 _ACTIVE = False
 
 
+def shapegen() -> str:
+    """The import name of the shape-generation package: ``hy3dgen.shapegen`` (PyPI), or the
+    package name of a source checkout (Hunyuan3D-2.1 names it ``hy3dshape``)."""
+    return package_dir("hy3dgen", Path("hy3dgen/shapegen")).name if "hy3dgen" in CHECKOUT else "hy3dgen.shapegen"
+
+
+def _shapegen(sub: str):
+    import importlib
+    return importlib.import_module(f"{shapegen()}.{sub}")
+
+
 def activate() -> Path:
     """Install (once) and make ``hy3dgen`` importable; returns the install folder. Idempotent."""
     global _ACTIVE
@@ -64,7 +76,7 @@ def activate() -> Path:
     _standins.register_torchvision_op_schemas()
     _standins.install_pymeshlab_stub()
     os.environ.setdefault("HY3DGEN_DEBUG", "0")  # its timer uses CUDA events when 1
-    import hy3dgen.shapegen  # noqa: F401  (fail early, with the real import chain)
+    __import__(shapegen())  # fail early, with the real import chain
 
     _ACTIVE = True
     return target
@@ -85,7 +97,7 @@ def _config(turbo: bool) -> dict:
     }
     return {
         "model": {
-            "target": "hy3dgen.shapegen.models.Hunyuan3DDiT",
+            "target": f"{shapegen()}.models.Hunyuan3DDiT",
             "params": {
                 "in_channels": t["channels"],
                 "context_in_dim": t["dino_hidden"],
@@ -101,7 +113,7 @@ def _config(turbo: bool) -> dict:
             },
         },
         "vae": {
-            "target": "hy3dgen.shapegen.models.ShapeVAE",
+            "target": f"{shapegen()}.models.ShapeVAE",
             "params": {
                 "num_latents": t["latents"],
                 "embed_dim": t["channels"],
@@ -116,7 +128,7 @@ def _config(turbo: bool) -> dict:
             },
         },
         "conditioner": {
-            "target": "hy3dgen.shapegen.models.SingleImageEncoder",
+            "target": f"{shapegen()}.models.SingleImageEncoder",
             "params": {
                 "main_image_encoder": {
                     "type": "DinoImageEncoder",
@@ -125,11 +137,11 @@ def _config(turbo: bool) -> dict:
             },
         },
         "scheduler": {
-            "target": "hy3dgen.shapegen.schedulers.FlowMatchEulerDiscreteScheduler",
+            "target": f"{shapegen()}.schedulers.FlowMatchEulerDiscreteScheduler",
             "params": {"num_train_timesteps": 1000},
         },
         "image_processor": {
-            "target": "hy3dgen.shapegen.preprocessors.ImageProcessorV2",
+            "target": f"{shapegen()}.preprocessors.ImageProcessorV2",
             "params": {"size": t["processor_size"], "border_ratio": 0.15},
         },
     }
@@ -146,7 +158,7 @@ def write_model_dir(model_dir, *, turbo: bool = False, seed: int = 0) -> Path:
     activate()
     import yaml
     from safetensors.torch import save_file
-    from hy3dgen.shapegen.pipelines import instantiate_from_config
+    instantiate_from_config = _shapegen("pipelines").instantiate_from_config
 
     cfg = _config(turbo)
     folder = Path(model_dir) / REPO_ID / (TURBO_SUBFOLDER if turbo else SUBFOLDER)
@@ -192,7 +204,7 @@ def build_pipeline(model_dir, *, turbo: bool = False, seed: int = 0, device: str
     scale through ``guidance=``.
     """
     activate()
-    from hy3dgen.shapegen.pipelines import Hunyuan3DDiTFlowMatchingPipeline
+    Hunyuan3DDiTFlowMatchingPipeline = _shapegen("pipelines").Hunyuan3DDiTFlowMatchingPipeline
 
     write_model_dir(model_dir, turbo=turbo, seed=seed)
     os.environ["HY3DGEN_MODELS"] = str(Path(model_dir))

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from . import _standins
-from ._common import (count_calls, ensure_installed, keep_spconv_in_train_mode, prepend_sys_path,
+from ._common import (count_calls, ensure_installed, keep_spconv_in_train_mode, package_dir, prepend_sys_path,
                       rerandomize_zero_params)
 
 __all__ = [
@@ -74,7 +74,9 @@ _ACTIVE = None
 
 
 def meta_root() -> Path:
-    return ensure_installed("sam3d") / "sam3d" / "third_party" / "meta"
+    """The folder holding ``sam3d_objects`` (vendored by ``sam3d``, or a source checkout)."""
+    return package_dir("sam3d", ensure_installed("sam3d") / "sam3d" / "third_party" / "meta"
+                       / "sam3d_objects").parent
 
 
 def activate() -> Path:
