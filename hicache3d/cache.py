@@ -192,6 +192,7 @@ class VelocityCache:
         self._since_compute = 0
         self.stats = CacheStats()
         self.forecaster.reset()
+        self._restarts_seen = Counter(self.forecaster.stats.restarts)
         self.policy.start(self.num_steps)
         self._times: List[Any] = []          # step times (floats, or tensors not yet read)
         self._computed_at: List[int] = []    # step indices of computed steps
@@ -240,9 +241,7 @@ class VelocityCache:
         if self._deferred or any(not isinstance(x, float) for x in self._times):
             self._times = _positions(self._times)
         for k, v in self._deferred:
-            res = self.forecaster.push(self._times[k], v)
-            if res.restarted:
-                self.stats.restarts[res.restarted] += 1
+            self.forecaster.push(self._times[k], v)
         self._deferred = []
         if self._verify_pending:
             self._verify_pending = False
@@ -251,9 +250,7 @@ class VelocityCache:
             horizon = ca[-1] - ca[-2] if len(ca) >= 2 else 0
             errors = None
             if horizon > 0:
-                r0 = Counter(f.stats.restarts)
                 errors = f.newest_error()
-                self.stats.restarts.update(f.stats.restarts - r0)
             rec = self.stats.trace[self._record_of_last_compute]
             rec.horizon = horizon
             rec.predicted = pol.predicted(horizon) if horizon else None
@@ -264,7 +261,9 @@ class VelocityCache:
 
     def will_compute(self) -> bool:
         """Whether the next :meth:`step` runs the network."""
-        return self._decide() is not None
+        out = self._decide() is not None
+        self._sync_restarts()
+        return out
 
     def _decide(self) -> Optional[str]:
         args = (self.step_index, self._since_compute, len(self.forecaster) > 0 or bool(self._deferred))
@@ -301,14 +300,10 @@ class VelocityCache:
             t0 = time.perf_counter()
             v = compute()
             if self.config.horizon == "step":
-                res = f.push(float(i), v)
-                if res.restarted:
-                    self.stats.restarts[res.restarted] += 1
+                f.push(float(i), v)
             elif _on_host(t) and not self._deferred:
                 self._times[-1] = _position(t)
-                res = f.push(self._times[-1], v)
-                if res.restarted:
-                    self.stats.restarts[res.restarted] += 1
+                f.push(self._times[-1], v)
             else:                       # stored at the next step, when its time is read
                 from .tree import map_leaves
                 self._deferred.append((len(self._times) - 1, map_leaves(lambda x: x.detach().clone(), v)))
@@ -323,13 +318,11 @@ class VelocityCache:
         else:
             t0 = time.perf_counter()
             before_b, before_f = Counter(f.stats.per_basis), Counter(f.stats.fallbacks)
-            restarts0 = Counter(f.stats.restarts)
             clamped0 = f.stats.clamped_modes
             pos = float(i) if self.config.horizon == "step" else self._host_time(-1)
             v = f.predict(pos)
             self.stats.per_basis.update(f.stats.per_basis - before_b)
             self.stats.fallbacks.update(f.stats.fallbacks - before_f)
-            self.stats.restarts.update(f.stats.restarts - restarts0)
             self.stats.clamped_modes += f.stats.clamped_modes - clamped0
             self.stats.forecast += 1
             self._since_compute += 1
@@ -338,7 +331,14 @@ class VelocityCache:
                                                _label(f.last_labels)))
             self.stats.forecast_time_s += time.perf_counter() - t0
         self.step_index += 1
+        self._sync_restarts()
         return v
+
+    def _sync_restarts(self) -> None:
+        """History restarts the forecaster counted since the last call go to this run."""
+        now = Counter(self.forecaster.stats.restarts)
+        self.stats.restarts.update(now - self._restarts_seen)
+        self._restarts_seen = now
 
     def _host_time(self, k: int) -> float:
         x = self._times[k]
