@@ -437,7 +437,7 @@ def _generate_one_cli(image, out, model, weights, settings, steps, seed, no_cach
     export_mesh(res.mesh, out)
     line = f"{out}: {res.seconds:.2f} s, {res.network_calls} network calls"
     if not no_cache:
-        line += f", {res.skipped_calls} steps skipped"
+        line += f", {res.skipped_calls} step{'' if res.skipped_calls == 1 else 's'} skipped"
     if ref is not None:
         m = compare_meshes(res.mesh, ref.mesh)
         line += f"; uncached {ref.seconds:.2f} s, {ref.network_calls} network calls: "

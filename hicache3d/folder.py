@@ -229,7 +229,7 @@ def generate_folder(images, out, *, model: str = "bundled", weights: Optional[st
                            network_calls=res.network_calls, skipped_calls=res.skipped_calls)
                 line = f"{dst}: {res.seconds:.2f} s, {res.network_calls} network calls"
                 if cache:
-                    line += f", {res.skipped_calls} steps skipped"
+                    line += f", {res.skipped_calls} step{'' if res.skipped_calls == 1 else 's'} skipped"
                 if ref is not None:
                     m = compare_meshes(res.mesh, ref.mesh)
                     rec["uncached"] = {"seconds": round(ref.seconds, 4),
