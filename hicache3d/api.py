@@ -73,7 +73,10 @@ class Acceleration:
 def _settings(recipe: Recipe, settings: Mapping[str, Any],
               sites: Optional[Mapping[str, Mapping[str, Any]]]) -> Recipe:
     # None is a meaningful value of some settings (batch_dim=None: one item; num_steps)
-    return recipe.with_settings(dict(settings), sites or {})
+    settings = dict(settings)
+    if settings.get("interval") is not None and "schedule" not in settings and "tolerance" not in settings:
+        settings["schedule"] = "fixed"            # an interval asks for the fixed cadence (as the CLI)
+    return recipe.with_settings(settings, sites or {})
 
 
 def enable(pipeline: Any, recipe: Union[str, Recipe, None] = None, *,

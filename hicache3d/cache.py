@@ -290,10 +290,7 @@ class VelocityCache:
         reason = FORCED if force_compute else (None if force_forecast else self._decide())
         if reason is None:
             self._flush()
-            r0 = Counter(f.stats.restarts)
-            usable = f.ready()             # a non-finite snapshot found now is dropped
-            self.stats.restarts.update(f.stats.restarts - r0)
-            if not usable:
+            if not f.ready():
                 reason = NO_HISTORY
         i = self.step_index
         if reason is not None:

@@ -358,3 +358,22 @@ def test_frontier_analysis_by_hand():
     t = {r["iou"]: r for r in frontier_table(rows, levels=(0.98,))}
     assert t[0.98]["fixed_ratio"] == pytest.approx(2.5) and t[0.98]["adaptive_ratio"] == pytest.approx(3.5)
     assert t[0.98]["gain"] == pytest.approx(0.4) and t[0.98]["adaptive_min"] == pytest.approx(0.965)
+
+
+
+def test_accelerate_interval_alone_selects_the_fixed_cadence():
+    """The bundled recipe defaults to the adaptive schedule; ``interval=`` alone asks for the
+    fixed cadence (as ``--interval`` does on the command line), an explicit schedule wins."""
+    import hicache3d
+    from hicache3d.bundled import shapes
+    from hicache3d.bundled.generator import BundledGenerator
+    gen = BundledGenerator.from_pretrained()
+    cond = shapes.make_example("held_out", 1)[1]
+    with hicache3d.accelerate(gen, "bundled", interval=3, first_enhance=3) as run:
+        gen(cond, steps=25)
+    st = run.stats["runs"][-1]["sites"]["sparse_structure"]
+    plan = "".join("C" if c else "." for c in Schedule(3, 3, 0).plan(25))
+    assert st["pattern"] == plan
+    with hicache3d.accelerate(gen, "bundled", interval=3, schedule="adaptive", tolerance=0.0) as run:
+        gen(cond, steps=25)
+    assert run.stats["runs"][-1]["sites"]["sparse_structure"]["pattern"] == "C" * 25
