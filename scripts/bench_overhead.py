@@ -121,7 +121,12 @@ def main(reps: int = 41, steps: int = 20) -> dict:
            "the adapter skips that call); the overhead is the per-step difference after adding "
            "that saved call back. `engine_per_step_noop_network_s` is the engine alone "
            "(schedule, snapshot copy, Gram update) around a network that returns at once."]
-    (out / "overhead.md").write_text("\n".join(md) + "\n")
+    target = out / "overhead.md"
+    begin, end = "<!-- startup:begin -->", "<!-- startup:end -->"
+    old = target.read_text() if target.exists() else ""
+    kept = old[old.index(begin):old.index(end) + len(end)] if begin in old and end in old else ""
+    # the start-up section belongs to scripts/bench_startup.py: keep it
+    target.write_text("\n".join(md) + "\n" + ("\n" + kept + "\n" if kept else ""))
     return res
 
 
