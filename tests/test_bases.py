@@ -7,15 +7,15 @@ import torch
 
 from hicache3d.forecast import (fit_exponential, hermite_weights, lagrange_weights,
                                 make_forecaster, taylorseer_weights)
+from hicache3d.forecast_bench.scenarios import (N_ANCHORS, SUBSTEP_N, exponential_trajectory,
+                                                make_trajectory)
 
 
 def exp_traj(d=48, seed=0, poles=None):
-    g = torch.Generator().manual_seed(seed)
+    """An exact sum of exponentials in continuous time: the benchmark's *clean* scenario."""
     if poles is None:
         poles = [0.93 * np.exp(0.4j), 0.97 * np.exp(-0.15j), 0.8]
-    z = torch.tensor(poles, dtype=torch.complex128)
-    A = torch.randn(d, len(poles), dtype=torch.complex128, generator=g)
-    return lambda t: (A @ (z ** float(t))).real.reshape(1, d)
+    return exponential_trajectory(d, seed, poles)
 
 
 def rel(a, b):
@@ -30,6 +30,20 @@ def test_dmd_exact_on_exponentials_uniform(horizon):
         fc.push(t, f(t))
     assert rel(fc.predict(6 + horizon), f(6 + horizon)) <= 1e-6
     assert fc.stats.per_basis["dmd"] == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("spacing", (1,) + SUBSTEP_N)
+def test_dmd_exact_on_the_clean_benchmark_scenario(seed, spacing):
+    """The benchmark's *clean* trajectory is in the exponential basis's model class, on the
+    unit cadence and on every sub-step cadence it is benchmarked on."""
+    times = [spacing * i for i in range(N_ANCHORS)]
+    F = torch.from_numpy(make_trajectory("clean", times[-1] + spacing + 1, 64, seed))
+    fc = make_forecaster("dmd", history=N_ANCHORS)
+    for t in times:
+        fc.push(t, F[t].reshape(1, -1))
+    for q in range(times[-1] + 1, times[-1] + spacing + 1):
+        assert rel(fc.predict(q), F[q].reshape(1, -1)) <= 1e-6
 
 
 @pytest.mark.parametrize("times", [[0, 1, 2, 5, 8, 11], [0, 1, 2, 3, 6, 9], [0, 1, 2, 6, 10, 14]])
