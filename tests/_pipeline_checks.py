@@ -1,0 +1,168 @@
+"""``hicache3d generate`` on the real upstream pipelines (tiny random-weight models saved
+in the upstream's weights-folder layout), one family per fresh interpreter:
+
+    python -m tests._pipeline_checks trellis|trellis2|sam3d TMPDIR
+
+Prints ``RESULTS {json}``: check name -> "ok" or the failure."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+STEPS = 12
+
+
+def _cli(args):
+    from click.testing import CliRunner
+
+    from hicache3d.cli import main
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def _raises(fn, *needles):
+    from hicache3d.generate import GenerateError
+    try:
+        fn()
+    except GenerateError as e:
+        msg = str(e)
+        missing = [n for n in needles if n not in msg]
+        assert not missing, f"message lacks {missing}: {msg}"
+        assert "\n" not in msg, f"not one line: {msg!r}"
+        return msg
+    raise AssertionError("no GenerateError raised")
+
+
+# ------------------------------------------------------------------------------ TRELLIS v1
+
+def trellis_checks(tmp: Path):
+    from tests import _upstream_pipelines as P
+    from tests.upstream import trellis_env as T
+    P.activate_trellis_v1()
+    weights = P.write_trellis_v1(tmp / "TRELLIS-image-large")
+    image = P.rgba_disc(tmp / "disc.png")
+    from hicache3d.generate import Generator, latent_drift
+    state = {}
+
+    def expected():
+        p = P.V1_PARAMS
+        return sum(T.expected_calls("interval", STEPS, p[k]["rescale_t"], tuple(p[k]["cfg_interval"]))
+                   for k in ("ss", "slat"))
+
+    def sampler_runs_then_stops_at_mesh_decoder():
+        gen = Generator("trellis", str(weights), device="cpu")
+        payload = gen.prepare(image)
+        ref = gen.run(payload, steps=STEPS, seed=3, cache=False)
+        acc = gen.run(payload, steps=STEPS, seed=3, cache=True)
+        state.update(gen=gen, payload=payload, ref=ref, acc=acc)
+        for r in (ref, acc):
+            assert r.mesh is None and "slat_decoder_mesh" in r.reason and "CUDA" in r.reason, r.reason
+            assert list(r.latents) == ["sparse_structure", "slat"], list(r.latents)
+        assert ref.network_calls == expected(), (ref.network_calls, expected())
+        assert acc.skipped_calls > 0 and acc.network_calls < ref.network_calls, (acc.network_calls, ref.network_calls)
+        assert set(acc.stats["sites"]) == {"sparse_structure", "slat"}, acc.stats["sites"]
+        assert tuple(ref.latents["sparse_structure"].shape) == (1, 8, 16, 16, 16)
+        assert ref.latents["slat"].feats.shape[1] == 8
+        d = latent_drift(acc.latents["sparse_structure"], ref.latents["sparse_structure"])
+        assert 0 < d < 1, d
+        a, b = acc.latents["slat"], ref.latents["slat"]
+        if a.coords.shape == b.coords.shape and torch.equal(a.coords, b.coords):   # same structure
+            assert 0 < latent_drift(a, b) < 1
+
+    def latents_are_the_samplers_own():
+        gen, payload, ref = state["gen"], state["payload"], state["ref"]
+        pipe = gen.pipe
+        cond = pipe.get_cond([payload])
+        torch.manual_seed(3)
+        flow = pipe.models["sparse_structure_flow_model"]
+        noise = torch.randn(1, flow.in_channels, flow.resolution, flow.resolution, flow.resolution)
+        params = dict(pipe.sparse_structure_sampler_params, steps=STEPS)
+        with torch.no_grad():
+            z = pipe.sparse_structure_sampler.sample(flow, noise, **cond, **params, verbose=False).samples
+        assert torch.equal(z, ref.latents["sparse_structure"])
+
+    def cli_compare_reports_drift_and_names_decoder():
+        out = tmp / "disc.glb"
+        r = _cli(["generate", "--model", "trellis", "--weights", str(weights), "--image", str(image),
+                  "--out", str(out), "--steps", str(STEPS), "--compare"])
+        assert r.exit_code == 1, r.output
+        assert not out.exists()
+        assert f"{expected()} network calls" in r.output, r.output
+        assert "final-latent drift vs uncached: sparse_structure" in r.output, r.output
+        last = r.output.strip().splitlines()[-1]
+        assert last.startswith("Error: ") and "slat_decoder_mesh" in last and "CUDA" in last, last
+
+    def cli_no_cache_counts_every_forward():
+        r = _cli(["generate", "--model", "trellis", "--weights", str(weights), "--image", str(image),
+                  "--out", str(tmp / "n.glb"), "--steps", str(STEPS), "--no-cache"])
+        assert r.exit_code == 1, r.output
+        assert f"sampled in" in r.output and f"{expected()} network calls" in r.output, r.output
+        assert "skipped" not in r.output.splitlines()[0], r.output
+
+    def bad_folders_are_clear_errors():
+        _raises(lambda: Generator("trellis", str(tmp / "nowhere"), device="cpu"), "no such folder")
+        empty = tmp / "empty"
+        empty.mkdir()
+        _raises(lambda: Generator("trellis", str(empty), device="cpu"), "no pipeline.json")
+        broken = tmp / "broken"
+        shutil.copytree(weights, broken)
+        (broken / "ckpts" / "slat_flow.safetensors").unlink()
+        _raises(lambda: Generator("trellis", str(broken), device="cpu"), "ckpts/slat_flow.safetensors")
+        other = tmp / "other"
+        shutil.copytree(weights, other)
+        cfg = json.loads((other / "pipeline.json").read_text())
+        cfg["name"] = "Trellis2ImageTo3DPipeline"
+        (other / "pipeline.json").write_text(json.dumps(cfg))
+        _raises(lambda: Generator("trellis", str(other), device="cpu"), "Trellis2ImageTo3DPipeline")
+        garbled = tmp / "garbled"
+        shutil.copytree(weights, garbled)
+        (garbled / "ckpts" / "ss_flow.safetensors").write_bytes(b"not a safetensors file")
+        _raises(lambda: Generator("trellis", str(garbled), device="cpu"), "sparse_structure_flow_model",
+                "ckpts/ss_flow")
+
+    def offline_without_weights_names_repo():
+        os.environ["HF_HOME"] = str(tmp / "hf-home")
+        _raises(lambda: Generator("trellis", None, device="cpu"), "microsoft/TRELLIS-image-large",
+                "huggingface-cli download")
+
+    def image_encoder_unavailable_is_clear():
+        hub = torch.hub.load
+
+        def offline(*_a, **_k):
+            raise OSError("no network")
+        torch.hub.load = offline
+        try:
+            _raises(lambda: Generator("trellis", str(weights), device="cpu"), "dinov2_vitl14_reg",
+                    "torch.hub.load")
+        finally:
+            torch.hub.load = hub
+
+    return [sampler_runs_then_stops_at_mesh_decoder, latents_are_the_samplers_own,
+            cli_compare_reports_drift_and_names_decoder, cli_no_cache_counts_every_forward,
+            bad_folders_are_clear_errors, offline_without_weights_names_repo, image_encoder_unavailable_is_clear]
+
+
+FAMILIES = {"trellis": trellis_checks}
+
+
+def main(family: str, tmp: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    checks = FAMILIES[family](Path(tmp))
+    results = {}
+    for fn in checks:
+        try:
+            fn()
+            results[fn.__name__] = "ok"
+        except Exception as e:  # noqa: BLE001 - reported per check
+            results[fn.__name__] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,204 @@
+"""Weights folders of tiny random-weight upstream pipelines, in the upstream's own layout,
+and the stand-ins their pipeline modules need to import on a CPU-only machine.
+
+Used by ``tests/_pipeline_checks.py`` (one fresh interpreter per family: TRELLIS v1 and
+TRELLIS.2 both import as ``trellis``).  Every network is built from the upstream's own
+classes (``tests/upstream/*_env.py``), saved with its config as ``ckpts/<name>.json`` +
+``ckpts/<name>.safetensors`` and loaded back by the code under test.
+
+Stand-ins (ours, tests only), each for something the sampling path never computes with:
+
+* ``torchvision``: ``transforms.Compose`` / ``transforms.Normalize`` in plain torch (PyPI
+  torchvision is a CUDA build; the pipelines only normalise the condition image with it);
+* ``rembg``: a module whose ``new_session`` raises (background removal is only used for
+  images without alpha; the tests give RGBA images);
+* the image encoder: a tiny deterministic module in place of DINOv2 (``torch.hub.load``
+  of ``facebookresearch/dinov2`` is answered with it), so no download is attempted.
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DINO_TOKENS, DINO_CHANNELS = 16, 32
+
+
+def install_torchvision_standin() -> None:
+    if "torchvision" in sys.modules:
+        return
+
+    class Compose:
+        def __init__(self, fns):
+            self.fns = list(fns)
+
+        def __call__(self, x):
+            for f in self.fns:
+                x = f(x)
+            return x
+
+    class Normalize:
+        def __init__(self, mean, std):
+            self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+
+        def __call__(self, x):
+            shape = (-1, 1, 1)
+            return (x - self.mean.to(x).view(shape)) / self.std.to(x).view(shape)
+
+    tv = types.ModuleType("torchvision")
+    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None, is_package=True)
+    tv.__path__ = []
+    tr = types.ModuleType("torchvision.transforms")
+    tr.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms", None)
+    tr.Compose, tr.Normalize = Compose, Normalize
+    tv.transforms = tr
+    sys.modules["torchvision"], sys.modules["torchvision.transforms"] = tv, tr
+
+
+def install_rembg_standin() -> None:
+    if "rembg" in sys.modules:
+        return
+    mod = types.ModuleType("rembg")
+    mod.__spec__ = importlib.machinery.ModuleSpec("rembg", None)
+
+    def new_session(*_a, **_k):
+        raise RuntimeError("rembg is a test stand-in: give an image with an alpha channel")
+    mod.new_session = new_session
+    mod.remove = new_session
+    sys.modules["rembg"] = mod
+
+
+class TinyImageEncoder(torch.nn.Module):
+    """In place of DINOv2 / DINOv3: ``[B, 3, H, W] -> [B, 16, 32]`` patch tokens (a 4x4
+    average pool and a fixed random linear map), depending on the image."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(70_000 + seed)
+        self.proj = torch.nn.Linear(3, DINO_CHANNELS)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(DINO_CHANNELS, 3, generator=g))
+            self.proj.bias.copy_(torch.randn(DINO_CHANNELS, generator=g) * 0.1)
+
+    def tokens(self, image):
+        x = torch.nn.functional.adaptive_avg_pool2d(image.float(), 4)      # [B, 3, 4, 4]
+        return self.proj(x.flatten(2).transpose(1, 2))                     # [B, 16, 32]
+
+    def forward(self, image, is_training=False):
+        return {"x_prenorm": self.tokens(image)}
+
+
+def answer_torch_hub_with_tiny_dino() -> None:
+    """``torch.hub.load('facebookresearch/dinov2', ...)`` returns :class:`TinyImageEncoder`."""
+    original = torch.hub.load
+
+    def load(repo, model, *args, **kwargs):
+        if repo == "facebookresearch/dinov2":
+            return TinyImageEncoder()
+        return original(repo, model, *args, **kwargs)
+    torch.hub.load = load
+
+
+def rgba_disc(path: Path, size: int = 96) -> Path:
+    """A test image: an orange disc on a transparent background."""
+    from PIL import Image
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    a = np.zeros((size, size, 4), np.uint8)
+    a[inside] = (230, 120, 40, 255)
+    a[..., 1] += (xx % 7 == 0).astype(np.uint8) * 20 * inside
+    Image.fromarray(a, "RGBA").save(path)
+    return path
+
+
+def _save(folder: Path, rel: str, name: str, args: dict, model) -> None:
+    from safetensors.torch import save_file
+    base = folder / rel
+    base.parent.mkdir(parents=True, exist_ok=True)
+    (base.parent / (base.name + ".json")).write_text(json.dumps({"name": name, "args": args}))
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()} if model is not None \
+        else {"unused": torch.zeros(1)}
+    save_file(state, str(base.parent / (base.name + ".safetensors")))
+
+
+def _build(ctor, seed: int):
+    from tests.upstream._common import rerandomize_zero_params
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ctor()
+    rerandomize_zero_params(model, torch.Generator().manual_seed(10_000 + seed))
+    return model.eval()
+
+
+def _calibrate_occupancy(decoder, z, share: float) -> None:
+    """Shift the decoder's last bias so that about ``share`` of ``z``'s voxels are occupied
+    (a random decoder otherwise marks half the grid, which makes the sparse stage slow)."""
+    conv = decoder.out_layer[-1]
+    with torch.no_grad():
+        logits = decoder(z).flatten()
+        conv.bias -= torch.quantile(logits, 1 - share)
+
+
+# ------------------------------------------------------------------------------ TRELLIS v1
+
+V1_SS_FLOW = dict(resolution=16, in_channels=8, model_channels=64, cond_channels=DINO_CHANNELS, out_channels=8,
+                  num_blocks=1, num_heads=4, mlp_ratio=2, patch_size=2, pe_mode="ape", qk_rms_norm=True)
+V1_SLAT_FLOW = dict(resolution=16, in_channels=8, model_channels=64, cond_channels=DINO_CHANNELS, out_channels=8,
+                    num_blocks=1, num_heads=4, mlp_ratio=2, patch_size=2, num_io_res_blocks=1,
+                    io_block_channels=[32], pe_mode="ape", qk_rms_norm=True)
+V1_SS_DEC = dict(out_channels=1, latent_channels=8, num_res_blocks=1, channels=[16], num_res_blocks_middle=1)
+V1_MESH_DEC = dict(resolution=64, model_channels=768, latent_channels=8, num_blocks=12, num_heads=12,
+                   mlp_ratio=4, attn_mode="swin", window_size=8, use_fp16=True,
+                   representation_config={"use_color": True})
+V1_PARAMS = {"ss": {"steps": 12, "cfg_strength": 7.5, "cfg_interval": [0.5, 0.95], "rescale_t": 3.0},
+             "slat": {"steps": 12, "cfg_strength": 3.0, "cfg_interval": [0.5, 0.95], "rescale_t": 3.0}}
+
+
+def write_trellis_v1(folder: Path, seed: int = 0) -> Path:
+    """A TRELLIS-image-large-shaped weights folder with tiny models (``trellis_env`` active).
+    ``ckpts/slat_dec_mesh`` holds the mesh decoder's published config and a placeholder
+    tensor: the mesh decoder is never constructed on CPU (FlexiCubes needs CUDA)."""
+    from tests.upstream import trellis_env as T
+    T.activate()
+    from trellis.models.sparse_structure_flow import SparseStructureFlowModel
+    from trellis.models.sparse_structure_vae import SparseStructureDecoder
+    from trellis.models.structured_latent_flow import SLatFlowModel
+    folder.mkdir(parents=True, exist_ok=True)
+    ss = _build(lambda: SparseStructureFlowModel(**V1_SS_FLOW), seed)
+    dec = _build(lambda: SparseStructureDecoder(**V1_SS_DEC), seed + 1)
+    z = T.sample_ss(T.make_sampler("interval"), ss, steps=6).samples
+    _calibrate_occupancy(dec, z, 0.06)
+    from tests.upstream import _standins
+    with _standins.flash_attn_installed():
+        slat = _build(lambda: SLatFlowModel(**V1_SLAT_FLOW), seed + 2)
+    _save(folder, "ckpts/ss_flow", "SparseStructureFlowModel", V1_SS_FLOW, ss)
+    _save(folder, "ckpts/ss_dec", "SparseStructureDecoder", V1_SS_DEC, dec)
+    _save(folder, "ckpts/slat_flow", "SLatFlowModel", V1_SLAT_FLOW, slat)
+    _save(folder, "ckpts/slat_dec_mesh", "SLatMeshDecoder", V1_MESH_DEC, None)
+    sampler = lambda p: {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5}, "params": p}
+    g = torch.Generator().manual_seed(80_000 + seed)
+    cfg = {"name": "TrellisImageTo3DPipeline", "args": {
+        "models": {"sparse_structure_decoder": "ckpts/ss_dec", "sparse_structure_flow_model": "ckpts/ss_flow",
+                   "slat_decoder_mesh": "ckpts/slat_dec_mesh", "slat_flow_model": "ckpts/slat_flow"},
+        "sparse_structure_sampler": sampler(V1_PARAMS["ss"]), "slat_sampler": sampler(V1_PARAMS["slat"]),
+        "slat_normalization": {"mean": (torch.randn(8, generator=g) * 0.1).tolist(),
+                               "std": (1 + torch.rand(8, generator=g)).tolist()},
+        "image_cond_model": "dinov2_vitl14_reg"}}
+    (folder / "pipeline.json").write_text(json.dumps(cfg, indent=1))
+    return folder
+
+
+def activate_trellis_v1() -> None:
+    """``trellis_env`` plus the pipeline module's import-time stand-ins and the tiny DINOv2."""
+    from tests.upstream import _standins, trellis_env as T
+    T.activate()
+    install_torchvision_standin()
+    install_rembg_standin()
+    answer_torch_hub_with_tiny_dino()
+    with _standins.flash_attn_installed():
+        import trellis.pipelines.trellis_image_to_3d  # noqa: F401
