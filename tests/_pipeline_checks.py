@@ -147,7 +147,118 @@ def trellis_checks(tmp: Path):
             bad_folders_are_clear_errors, offline_without_weights_names_repo, image_encoder_unavailable_is_clear]
 
 
-FAMILIES = {"trellis": trellis_checks}
+# ------------------------------------------------------------------------------ TRELLIS.2
+
+def trellis2_checks(tmp: Path):
+    from tests import _upstream_pipelines as P
+    from tests.upstream import trellis2_env as T
+    P.activate_trellis2()
+    weights = P.write_trellis2(tmp / "TRELLIS.2-4B")
+    image = P.rgba_disc(tmp / "disc.png")
+    from hicache3d.generate import Generator, latent_drift
+    sites = ["sparse_structure", "shape_slat", "tex_slat"]
+    state = {}
+
+    def expected(keys=tuple(P.V2_PARAMS)):
+        return sum(T.expected_calls("interval", STEPS, P.V2_PARAMS[k]["rescale_t"], P.V2_PARAMS[k]["guidance_strength"],
+                                    tuple(P.V2_PARAMS[k]["guidance_interval"])) for k in keys)
+
+    def three_samplers_run_then_stop_at_shape_decoder():
+        gen = Generator("trellis2", str(weights), device="cpu")
+        payload = gen.prepare(image)
+        ref = gen.run(payload, steps=STEPS, seed=5, cache=False)
+        acc = gen.run(payload, steps=STEPS, seed=5, cache=True)
+        state.update(gen=gen, payload=payload, ref=ref)
+        for r in (ref, acc):
+            assert r.mesh is None and "shape_slat_decoder" in r.reason and "CUDA" in r.reason, r.reason
+            assert list(r.latents) == sites, list(r.latents)
+        assert ref.network_calls == expected(), (ref.network_calls, expected())
+        assert acc.skipped_calls > 0 and acc.network_calls < ref.network_calls, (acc.network_calls, ref.network_calls)
+        assert set(acc.stats["sites"]) == set(sites), acc.stats["sites"]
+        assert ref.latents["shape_slat"].feats.shape[1] == 32 and ref.latents["tex_slat"].feats.shape[1] == 32
+        d = latent_drift(acc.latents["sparse_structure"], ref.latents["sparse_structure"])
+        assert 0 < d < 1, d
+
+    def latents_are_the_samplers_own():
+        gen, payload, ref = state["gen"], state["payload"], state["ref"]
+        pipe = gen.pipe
+        torch.manual_seed(5)
+        cond = pipe.get_cond([payload], 512)
+        flow = pipe.models["sparse_structure_flow_model"]
+        noise = torch.randn(1, flow.in_channels, flow.resolution, flow.resolution, flow.resolution)
+        params = dict(pipe.sparse_structure_sampler_params, steps=STEPS)
+        with torch.no_grad():
+            z = pipe.sparse_structure_sampler.sample(flow, noise, **cond, **params, verbose=False).samples
+        assert torch.equal(z, ref.latents["sparse_structure"])
+
+    def cascade_stops_at_the_upsampler():
+        folder = tmp / "cascade"
+        shutil.copytree(weights, folder)
+        cfg = json.loads((folder / "pipeline.json").read_text())
+        cfg["args"]["default_pipeline_type"] = "1024_cascade"
+        (folder / "pipeline.json").write_text(json.dumps(cfg))
+        gen = Generator("trellis2", str(folder), device="cpu")
+        r = gen.run(gen.prepare(image), steps=STEPS, seed=5, cache=False)
+        assert r.mesh is None and "shape_slat_decoder" in r.reason, r.reason
+        assert list(r.latents) == ["sparse_structure", "shape_slat"], list(r.latents)    # LR shape run only
+        assert r.network_calls == expected(("sparse_structure_sampler", "shape_slat_sampler")), r.network_calls
+
+    def cli_compare_reports_drift_and_names_decoder():
+        out = tmp / "disc.glb"
+        r = _cli(["generate", "--model", "trellis2", "--weights", str(weights), "--image", str(image),
+                  "--out", str(out), "--steps", str(STEPS), "--compare"])
+        assert r.exit_code == 1, r.output
+        assert not out.exists()
+        assert f"uncached" in r.output and f"{expected()} network calls" in r.output, r.output
+        assert "final-latent drift vs uncached: sparse_structure" in r.output, r.output
+        last = r.output.strip().splitlines()[-1]
+        assert last.startswith("Error: ") and "shape_slat_decoder" in last and "CUDA" in last, last
+
+    def rgb_image_and_bad_folders_are_clear_errors():
+        from PIL import Image
+        rgb = tmp / "rgb.png"
+        Image.open(image).convert("RGB").save(rgb)
+        _raises(lambda: state["gen"].prepare(rgb), "rgb.png", "RGBA")
+        empty = tmp / "empty"
+        empty.mkdir()
+        _raises(lambda: Generator("trellis2", str(empty), device="cpu"), "no pipeline.json")
+        broken = tmp / "broken"
+        shutil.copytree(weights, broken)
+        (broken / "ckpts" / "tex_flow_512.json").unlink()
+        _raises(lambda: Generator("trellis2", str(broken), device="cpu"), "ckpts/tex_flow_512.json")
+        v1 = tmp / "v1-layout"
+        shutil.copytree(weights, v1)
+        cfg = json.loads((v1 / "pipeline.json").read_text())
+        cfg["name"] = "TrellisImageTo3DPipeline"
+        (v1 / "pipeline.json").write_text(json.dumps(cfg))
+        _raises(lambda: Generator("trellis2", str(v1), device="cpu"), "TrellisImageTo3DPipeline")
+
+    def offline_without_weights_names_repo():
+        os.environ["HF_HOME"] = str(tmp / "hf-home")
+        _raises(lambda: Generator("trellis2", None, device="cpu"), "microsoft/TRELLIS.2-4B",
+                "huggingface-cli download")
+
+    def image_encoder_unavailable_is_clear():
+        import trellis.modules.image_feature_extractor as fe
+        tiny = fe.DinoV3FeatureExtractor
+
+        class Offline:
+            def __init__(self, *_a, **_k):
+                raise OSError("offline")
+        fe.DinoV3FeatureExtractor = Offline
+        try:
+            _raises(lambda: Generator("trellis2", str(weights), device="cpu"),
+                    "facebook/dinov3-vitl16-pretrain-lvd1689m", "huggingface-cli download")
+        finally:
+            fe.DinoV3FeatureExtractor = tiny
+
+    return [three_samplers_run_then_stop_at_shape_decoder, latents_are_the_samplers_own,
+            cascade_stops_at_the_upsampler, cli_compare_reports_drift_and_names_decoder,
+            rgb_image_and_bad_folders_are_clear_errors, offline_without_weights_names_repo,
+            image_encoder_unavailable_is_clear]
+
+
+FAMILIES = {"trellis": trellis_checks, "trellis2": trellis2_checks}
 
 
 def main(family: str, tmp: str) -> None:

@@ -202,3 +202,140 @@ def activate_trellis_v1() -> None:
     answer_torch_hub_with_tiny_dino()
     with _standins.flash_attn_installed():
         import trellis.pipelines.trellis_image_to_3d  # noqa: F401
+
+
+# ------------------------------------------------------------------------------ TRELLIS.2
+
+def _placeholder_module(name: str, **attrs) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    mod.__path__ = []
+    for k, v in attrs.items():
+        setattr(mod, k, v)
+    return mod
+
+
+def _unavailable(what: str):
+    class Unavailable:
+        def __init__(self, *_a, **_k):
+            raise RuntimeError(f"{what} is a test stand-in")
+
+        @classmethod
+        def from_pretrained(cls, *_a, **_k):
+            raise RuntimeError(f"{what} is a test stand-in")
+    Unavailable.__name__ = what.rsplit(".", 1)[-1]
+    return Unavailable
+
+
+def install_trellis2_import_standins() -> None:
+    """Modules ``trellis2_image_to_3d`` imports at import time but a CPU sampling run never
+    calls: ``transformers`` (DINOv3 / BiRefNet classes: the tests use a tiny encoder),
+    ``cumesh`` and ``flex_gemm.ops.grid_sample`` (mesh / texture post-processing of the
+    CUDA decoders, never reached on CPU), and ``torchvision.transforms``."""
+    install_torchvision_standin()
+    if "transformers" not in sys.modules:
+        sys.modules["transformers"] = _placeholder_module(
+            "transformers", DINOv3ViTModel=_unavailable("transformers.DINOv3ViTModel"),
+            AutoModelForImageSegmentation=_unavailable("transformers.AutoModelForImageSegmentation"))
+    if "cumesh" not in sys.modules:
+        sys.modules["cumesh"] = _placeholder_module("cumesh")
+    if "flex_gemm" not in sys.modules:
+        def grid_sample_3d(*_a, **_k):
+            raise RuntimeError("flex_gemm is a test stand-in")
+        gs = _placeholder_module("flex_gemm.ops.grid_sample", grid_sample_3d=grid_sample_3d)
+        ops = _placeholder_module("flex_gemm.ops", grid_sample=gs)
+        sys.modules.update({"flex_gemm": _placeholder_module("flex_gemm", ops=ops), "flex_gemm.ops": ops,
+                            "flex_gemm.ops.grid_sample": gs})
+
+
+class TinyDinoV3:
+    """In place of ``image_feature_extractor.DinoV3FeatureExtractor``: list of PIL images
+    -> ``[B, 16, 32]`` tokens (:class:`TinyImageEncoder`)."""
+
+    def __init__(self, model_name: str, image_size: int = 512):
+        self.model_name, self.image_size = model_name, image_size
+        self.model = TinyImageEncoder()
+
+    def to(self, device):
+        self.model.to(device)
+
+    def cpu(self):
+        self.model.cpu()
+
+    def cuda(self):  # pragma: no cover
+        self.model.cuda()
+
+    @torch.no_grad()
+    def __call__(self, images):
+        x = torch.stack([torch.from_numpy(np.array(i.convert("RGB").resize((64, 64)), np.float32) / 255)
+                         .permute(2, 0, 1) for i in images])
+        return self.model.tokens(x)
+
+
+def activate_trellis2() -> None:
+    from tests.upstream import trellis2_env as T
+    T.activate()
+    install_trellis2_import_standins()
+    import trellis.modules.image_feature_extractor as fe
+    import trellis.pipelines.trellis2_image_to_3d  # noqa: F401
+    fe.DinoV3FeatureExtractor = TinyDinoV3
+
+
+V2_COMMON = dict(num_blocks=1, mlp_ratio=2, pe_mode="rope", share_mod=True, initialization="scaled",
+                 qk_rms_norm=True, qk_rms_norm_cross=True, dtype="float32")
+V2_SS_FLOW = dict(V2_COMMON, resolution=16, in_channels=8, out_channels=8, model_channels=32, num_heads=2,
+                  cond_channels=DINO_CHANNELS)
+V2_SHAPE_FLOW = dict(V2_COMMON, resolution=32, in_channels=32, out_channels=32, model_channels=64, num_heads=4,
+                     cond_channels=DINO_CHANNELS)
+V2_TEX_FLOW = dict(V2_SHAPE_FLOW, in_channels=64)
+V2_SS_DEC = dict(out_channels=1, latent_channels=8, num_res_blocks=1, channels=[16, 8], num_res_blocks_middle=1)
+V2_PARAMS = {
+    "sparse_structure_sampler": {"steps": 12, "guidance_strength": 7.5, "guidance_rescale": 0.7,
+                                 "guidance_interval": [0.6, 1.0], "rescale_t": 5.0},
+    "shape_slat_sampler": {"steps": 12, "guidance_strength": 7.5, "guidance_rescale": 0.5,
+                           "guidance_interval": [0.6, 1.0], "rescale_t": 3.0},
+    "tex_slat_sampler": {"steps": 12, "guidance_strength": 1.0, "guidance_rescale": 0.0,
+                         "guidance_interval": [0.6, 0.9], "rescale_t": 3.0},
+}
+
+
+def write_trellis2(folder: Path, seed: int = 0, pipeline_type: str = "512") -> Path:
+    """A TRELLIS.2-4B-shaped weights folder with tiny models (``trellis2_env`` active).  The
+    shape / texture decoders get their published class names and a placeholder tensor:
+    they are never constructed on CPU (FlexGEMM / O-Voxel / CuMesh need CUDA)."""
+    from tests.upstream import trellis2_env as T
+    T.activate()
+    from trellis.models.sparse_structure_flow import SparseStructureFlowModel
+    from trellis.models.sparse_structure_vae import SparseStructureDecoder
+    from trellis.models.structured_latent_flow import SLatFlowModel
+    folder.mkdir(parents=True, exist_ok=True)
+    ss = _build(lambda: SparseStructureFlowModel(**V2_SS_FLOW), seed)
+    dec = _build(lambda: SparseStructureDecoder(**V2_SS_DEC), seed + 1)
+    z = T.sample_ss(T.make_sampler("interval"), ss, steps=4).samples
+    _calibrate_occupancy(dec, z, 0.02)
+    _save(folder, "ckpts/ss_flow", "SparseStructureFlowModel", V2_SS_FLOW, ss)
+    _save(folder, "ckpts/ss_dec", "SparseStructureDecoder", V2_SS_DEC, dec)
+    models = {"sparse_structure_flow_model": "ckpts/ss_flow", "sparse_structure_decoder": "ckpts/ss_dec",
+              "shape_slat_decoder": "ckpts/shape_dec", "tex_slat_decoder": "ckpts/tex_dec"}
+    for i, res in enumerate(("512", "1024")):
+        _save(folder, f"ckpts/shape_flow_{res}", "SLatFlowModel", V2_SHAPE_FLOW,
+              _build(lambda: SLatFlowModel(**V2_SHAPE_FLOW), seed + 2 + 2 * i))
+        _save(folder, f"ckpts/tex_flow_{res}", "SLatFlowModel", V2_TEX_FLOW,
+              _build(lambda: SLatFlowModel(**V2_TEX_FLOW), seed + 3 + 2 * i))
+        models[f"shape_slat_flow_model_{res}"] = f"ckpts/shape_flow_{res}"
+        models[f"tex_slat_flow_model_{res}"] = f"ckpts/tex_flow_{res}"
+    _save(folder, "ckpts/shape_dec", "FlexiDualGridVaeDecoder", {"resolution": 256, "model_channels": [512]}, None)
+    _save(folder, "ckpts/tex_dec", "SparseUnetVaeDecoder", {"out_channels": 6, "model_channels": [512]}, None)
+    g = torch.Generator().manual_seed(90_000 + seed)
+    norm = lambda: {"mean": (torch.randn(32, generator=g) * 0.1).tolist(),
+                    "std": (1 + torch.rand(32, generator=g)).tolist()}
+    sampler = lambda k: {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5},
+                         "params": V2_PARAMS[k]}
+    cfg = {"name": "Trellis2ImageTo3DPipeline", "args": {
+        "models": models, **{k: sampler(k) for k in V2_PARAMS},
+        "shape_slat_normalization": norm(), "tex_slat_normalization": norm(),
+        "image_cond_model": {"name": "DinoV3FeatureExtractor",
+                             "args": {"model_name": "facebook/dinov3-vitl16-pretrain-lvd1689m"}},
+        "default_pipeline_type": pipeline_type}}
+    (folder / "pipeline.json").write_text(json.dumps(cfg, indent=1))
+    return folder

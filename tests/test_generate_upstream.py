@@ -23,6 +23,10 @@ CHECKS = {
                 "cli_compare_reports_drift_and_names_decoder", "cli_no_cache_counts_every_forward",
                 "bad_folders_are_clear_errors", "offline_without_weights_names_repo",
                 "image_encoder_unavailable_is_clear"],
+    "trellis2": ["three_samplers_run_then_stop_at_shape_decoder", "latents_are_the_samplers_own",
+                 "cascade_stops_at_the_upsampler", "cli_compare_reports_drift_and_names_decoder",
+                 "rgb_image_and_bad_folders_are_clear_errors", "offline_without_weights_names_repo",
+                 "image_encoder_unavailable_is_clear"],
 }
 _cache = {}
 

@@ -12,7 +12,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 from ..generate import GenerateError
 
-__all__ = ["LayoutError", "StageOutput", "UpstreamPipeline", "DecoderUnavailable", "CUDA_ONLY",
+__all__ = ["LayoutError", "StageOutput", "UpstreamPipeline", "DecoderUnavailable", "DecoderModels",
+           "missing_module_error", "CUDA_ONLY",
            "import_upstream", "read_pipeline_json", "check_files", "capture_final", "to_trimesh",
            "spconv_cpu_eval"]
 
@@ -41,6 +42,29 @@ class DecoderUnavailable(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class DecoderModels(dict):
+    """The pipeline's ``models`` table where decoders that cannot run here were left out:
+    looking one of them up (wherever the upstream run does it: mid-run for a cascade's
+    upsampler, at the end for the mesh decoder) raises :class:`DecoderUnavailable` with
+    the reason recorded for it."""
+
+    def __init__(self, *args, unavailable: Optional[Mapping[str, str]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unavailable = dict(unavailable or {})
+
+    def __missing__(self, key):
+        if key in self.unavailable:
+            raise DecoderUnavailable(self.unavailable[key])
+        raise KeyError(key)
+
+
+def missing_module_error(e: ModuleNotFoundError, label: str, where: str) -> GenerateError:
+    """A module the upstream imports lazily (inside a run) is missing: one clear line."""
+    missing = (e.name or "").split(".")[0]
+    what = f" ({CUDA_ONLY[missing]}, CUDA only)" if missing in CUDA_ONLY else ""
+    return GenerateError(f"{label}: {where} needs the module {missing!r}{what}, which is not installed here")
 
 
 @dataclass
