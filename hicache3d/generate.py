@@ -288,7 +288,8 @@ class Generator:
             self._sync()
             t0 = time.perf_counter()
             if cache:
-                with accelerate(self.pipe, self.recipe, **(settings or {})) as acc:
+                target = self.upstream.target if self.kind == "upstream" else self.pipe
+                with accelerate(target, self.recipe, **(settings or {})) as acc:
                     mesh = self._raw(payload, steps, seed, progress)
                 stats = acc.stats
             else:

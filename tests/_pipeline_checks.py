@@ -258,7 +258,91 @@ def trellis2_checks(tmp: Path):
             image_encoder_unavailable_is_clear]
 
 
-FAMILIES = {"trellis": trellis_checks, "trellis2": trellis2_checks}
+# ------------------------------------------------------------------------------ SAM 3D
+
+def sam3d_checks(tmp: Path):
+    from tests import _upstream_pipelines as P
+    from tests.upstream import sam3d_env as S
+    S.activate()
+    weights = P.write_sam3d(tmp / "sam-3d-objects")
+    image = P.rgba_disc(tmp / "disc.png")
+    from hicache3d.generate import Generator
+
+    def cpu_stops_after_layout_check_naming_cuda():
+        msg = _raises(lambda: Generator("sam3d", str(weights), device="cpu"), "InferencePipelinePointMap", "CUDA",
+                      "cannot run on cpu", "complete")
+        assert str(weights) in msg
+
+    def cli_says_so_in_one_line():
+        out = tmp / "disc.glb"
+        r = _cli(["generate", "--model", "sam3d", "--weights", str(weights), "--image", str(image),
+                  "--out", str(out)])
+        assert r.exit_code == 1 and not out.exists(), r.output
+        last = r.output.strip().splitlines()[-1]
+        assert last.startswith("Error: ") and "CUDA" in last, r.output
+
+    def bad_folders_are_clear_errors():
+        empty = tmp / "empty"
+        empty.mkdir()
+        _raises(lambda: Generator("sam3d", str(empty), device="cpu"), "checkpoints/pipeline.yaml")
+        broken = tmp / "broken"
+        shutil.copytree(weights, broken)
+        (broken / "checkpoints" / "slat_generator.ckpt").unlink()
+        _raises(lambda: Generator("sam3d", str(broken), device="cpu"), "slat_generator.ckpt")
+        unset = tmp / "unset"
+        shutil.copytree(weights, unset)
+        cfg = unset / "checkpoints" / "pipeline.yaml"
+        cfg.write_text("\n".join(l for l in cfg.read_text().splitlines() if not l.startswith("ss_decoder_ckpt")))
+        _raises(lambda: Generator("sam3d", str(unset), device="cpu"), "ss_decoder_ckpt_path (not set")
+        other = tmp / "other"
+        shutil.copytree(weights, other)
+        cfg = other / "checkpoints" / "pipeline.yaml"
+        cfg.write_text(cfg.read_text().replace("InferencePipelinePointMap", "SomethingElse"))
+        _raises(lambda: Generator("sam3d", str(other), device="cpu"), "SomethingElse",
+                "not a SAM 3D Objects inference pipeline")
+
+    def offline_without_weights_names_repo():
+        os.environ["HF_HOME"] = str(tmp / "hf-home")
+        _raises(lambda: Generator("sam3d", None, device="cpu"), "facebook/sam-3d-objects", "huggingface-cli download")
+
+    def rgb_image_is_refused():
+        from PIL import Image
+
+        from hicache3d.pipelines.sam3d import SAM3DPipeline
+        _raises(lambda: SAM3DPipeline.prepare(SAM3DPipeline.__new__(SAM3DPipeline),
+                                              Image.open(image).convert("RGB")), "RGBA", "mask")
+
+    def accelerate_target_caches_both_real_generators():
+        """What ``run`` hands ``accelerate`` (the generators of the pipeline's ``models``
+        table) and how it counts (forward hooks on the backbones): fewer backbone calls with
+        the cache, both sites, the uncached count as the solver's own schedule gives."""
+        from hicache3d import accelerate
+        from hicache3d.generate import count_forwards, latent_drift
+        from hicache3d.pipelines.sam3d import GENERATORS, _Generators
+        models = {"ss_generator": S.build_ss_generator(0), "slat_generator": S.build_slat_generator(1)}
+        target = _Generators(models)
+        backbones = [models[k].reverse_fn.backbone for k in GENERATORS.values()]
+
+        def both():
+            return S.generate_ss(target.ss_generator, seed=2), S.generate_slat(target.slat_generator, seed=2)
+        with count_forwards(backbones) as ref_n:
+            ref = both()
+        with count_forwards(backbones) as acc_n, accelerate(target, "sam3d") as acc:
+            out = both()
+        d = S.PIPELINE_DEFAULTS
+        expected = sum(S.expected_calls(d[k]["steps"], d[k]["rescale_t"], d[k]["cfg_interval"], d[k]["cfg_strength"])
+                       for k in ("ss", "slat"))
+        assert ref_n["calls"] == expected, (ref_n["calls"], expected)
+        assert acc_n["calls"] < ref_n["calls"], (acc_n["calls"], ref_n["calls"])
+        assert set(acc.stats["sites"]) == {"sparse_structure", "slat"}, acc.stats["sites"]
+        for a, b in zip(out, ref):
+            assert 0 < latent_drift(a, b) < 1
+
+    return [cpu_stops_after_layout_check_naming_cuda, cli_says_so_in_one_line, bad_folders_are_clear_errors,
+            offline_without_weights_names_repo, rgb_image_is_refused, accelerate_target_caches_both_real_generators]
+
+
+FAMILIES = {"trellis": trellis_checks, "trellis2": trellis2_checks, "sam3d": sam3d_checks}
 
 
 def main(family: str, tmp: str) -> None:

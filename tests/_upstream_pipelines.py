@@ -339,3 +339,34 @@ def write_trellis2(folder: Path, seed: int = 0, pipeline_type: str = "512") -> P
         "default_pipeline_type": pipeline_type}}
     (folder / "pipeline.json").write_text(json.dumps(cfg, indent=1))
     return folder
+
+
+# ------------------------------------------------------------------------------ SAM 3D
+
+SAM3D_MODELS = ("ss_generator", "slat_generator", "ss_decoder", "slat_decoder_gs", "slat_decoder_mesh")
+
+
+def write_sam3d(folder: Path, seed: int = 0) -> Path:
+    """A facebook/sam-3d-objects-shaped folder: ``checkpoints/pipeline.yaml`` naming the
+    inference pipeline and ``<model>.yaml`` + ``<model>.ckpt`` per model.  The two
+    generators' checkpoints hold the tiny real generators' weights (``sam3d_env``) under the
+    ``_base_models.generator.`` prefix the pipeline strips; the configs name their classes.
+    (The pipeline's constructor is CUDA-only, so nothing here is loaded on CPU: the folder
+    serves the layout checks and the CPU stop.)"""
+    from tests.upstream import sam3d_env as S
+    S.activate()
+    ck = folder / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    built = {"ss_generator": S.build_ss_generator(seed), "slat_generator": S.build_slat_generator(seed + 1)}
+    lines = ["_target_: sam3d_objects.pipeline.inference_pipeline_pointmap.InferencePipelinePointMap",
+             "device: cuda", "dtype: float32", "compile_model: false"]
+    for name in SAM3D_MODELS:
+        gen = built.get(name)
+        target = "sam3d_objects.model.backbone.generator.shortcut.model.ShortCut" if gen is not None \
+            else "sam3d_objects.model.backbone.tdfy_dit.models.placeholder"
+        (ck / f"{name}.yaml").write_text(f"module:\n  generator:\n    backbone:\n      _target_: {target}\n")
+        state = {f"_base_models.generator.{k}": v for k, v in gen.state_dict().items()} if gen is not None else {}
+        torch.save({"state_dict": state}, ck / f"{name}.ckpt")
+        lines += [f"{name}_config_path: {name}.yaml", f"{name}_ckpt_path: {name}.ckpt"]
+    (ck / "pipeline.yaml").write_text("\n".join(lines) + "\n")
+    return folder

@@ -27,6 +27,9 @@ CHECKS = {
                  "cascade_stops_at_the_upsampler", "cli_compare_reports_drift_and_names_decoder",
                  "rgb_image_and_bad_folders_are_clear_errors", "offline_without_weights_names_repo",
                  "image_encoder_unavailable_is_clear"],
+    "sam3d": ["cpu_stops_after_layout_check_naming_cuda", "cli_says_so_in_one_line", "bad_folders_are_clear_errors",
+              "offline_without_weights_names_repo", "rgb_image_is_refused",
+              "accelerate_target_caches_both_real_generators"],
 }
 _cache = {}
 

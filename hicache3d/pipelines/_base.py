@@ -80,7 +80,8 @@ class StageOutput:
 class UpstreamPipeline:
     """One loaded upstream pipeline (subclasses per family).
 
-    ``pipeline``: the upstream object (:func:`hicache3d.accelerate` patches it);
+    ``pipeline``: the upstream object; ``target``: what :func:`hicache3d.accelerate` is handed
+    (the pipeline itself unless a family says otherwise);
     ``networks``: the flow networks (every real forward of a sampler goes through one);
     ``sites``: the recipe sites in the order a run reaches them."""
 
@@ -100,8 +101,10 @@ class UpstreamPipeline:
     def run(self, payload, *, steps: Optional[int] = None, seed: int = 0) -> StageOutput:  # pragma: no cover
         raise NotImplementedError
 
-    def warmup(self) -> None:
-        """Nothing by default (the first run pays its own start-up)."""
+    @property
+    def target(self) -> Any:
+        """The object :func:`hicache3d.accelerate` is handed (the pipeline, by default)."""
+        return self.pipeline
 
 
 def import_upstream(name: str, label: str, package: str) -> types.ModuleType:
