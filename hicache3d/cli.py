@@ -432,6 +432,8 @@ def _generate_one_cli(image, out, model, weights, settings, steps, seed, no_cach
             bar.update(1)
         res = gen.run(payload, steps=steps, seed=seed, cache=not no_cache, settings=settings,
                       progress=progress)
+    if res.mesh is None and res.reason:           # an upstream decoder cannot run here
+        _upstream_stop_cli(image, out, res, ref, no_cache)
     if res.mesh is None:
         raise GenerateError(f"{image}: the generator produced no surface")
     export_mesh(res.mesh, out)
@@ -455,6 +457,35 @@ def _generate_one_cli(image, out, model, weights, settings, steps, seed, no_cach
         click.echo("note: no step was skipped (the run is no longer than the warm-up and "
                    "interval allow), so this mesh is the uncached computation; use more --steps "
                    "or a smaller --interval", err=True)
+
+
+def _upstream_stop_cli(image, out, res, ref, no_cache):
+    """The samplers ran but a decoder cannot run here: say what ran (and, with --compare,
+    each site's final-latent drift vs uncached), then stop with the reason."""
+    from .generate import GenerateError, latent_drift
+    line = f"{image.name}: sampled in {res.seconds:.2f} s, {res.network_calls} network calls"
+    if not no_cache:
+        line += f", {res.skipped_calls} step{'' if res.skipped_calls == 1 else 's'} skipped"
+    if ref is not None:
+        line += f"; uncached {ref.seconds:.2f} s, {ref.network_calls} network calls"
+        drifts = []
+        for site in (s for s in res.latents if s in ref.latents):
+            try:
+                drifts.append(f"{site} {latent_drift(res.latents[site], ref.latents[site]):.4f}")
+            except GenerateError:      # an earlier site's drift changed this one's sparse structure
+                drifts.append(f"{site} n/a ({_latent_size(res.latents[site])} vs "
+                              f"{_latent_size(ref.latents[site])} voxels)")
+        if drifts:
+            line += "; final-latent drift vs uncached: " + ", ".join(drifts)
+    click.echo(line)
+    for site_line in _site_patterns(res):
+        click.echo(site_line)
+    raise GenerateError(f"{out} not written: {res.reason}")
+
+
+def _latent_size(x) -> int:
+    feats = getattr(x, "feats", x)
+    return int(feats.shape[-2]) if hasattr(feats, "shape") and len(feats.shape) >= 2 else 0
 
 
 def _generate_folder_cli(image, out, model, weights, settings, steps, seed, no_cache, do_compare,

@@ -37,6 +37,10 @@ class Result:
     network_calls: int
     skipped_calls: int
     stats: Dict[str, Any] = field(default_factory=dict)
+    #: upstream pipelines (TRELLIS v1 / TRELLIS.2 / SAM 3D): the final latent of each
+    #: site's sampler, and why ``mesh`` is None when a decoder could not run here
+    latents: Dict[str, Any] = field(default_factory=dict)
+    reason: Optional[str] = None
 
 
 def default_device(local_rank: int = 0) -> str:
@@ -136,16 +140,34 @@ def _load_bundled(weights: Optional[str], device: str):
 
 @contextlib.contextmanager
 def count_forwards(module) -> Iterator[Dict[str, int]]:
-    """Count the forwards of ``module`` inside the block (``n["calls"]``)."""
+    """Count the forwards of ``module`` (or of each module of a list) inside the block
+    (``n["calls"]``: all of them together)."""
     n = {"calls": 0}
 
     def hook(_m, _inp):
         n["calls"] += 1
-    h = module.register_forward_pre_hook(hook)
+    modules = module if isinstance(module, (list, tuple)) else [module]
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
     try:
         yield n
     finally:
-        h.remove()
+        for h in handles:
+            h.remove()
+
+
+def latent_drift(a: Any, b: Any) -> float:
+    """Relative L2 distance ``|a - b| / |b|`` of two final latents of one site (a tensor,
+    a dict of tensors or a sparse tensor: every leaf together)."""
+    import torch
+
+    from .tree import flatten
+    la, _ = flatten(a, batch_dim=None)
+    lb, _ = flatten(b, batch_dim=None)
+    if len(la) != len(lb) or any(x.shape != y.shape for x, y in zip(la, lb)):
+        raise GenerateError("the two latents differ in structure (different sparse structures?)")
+    num = sum(float(torch.sum((x.double() - y.double()) ** 2)) for x, y in zip(la, lb))
+    den = sum(float(torch.sum(y.double() ** 2)) for y in lb)
+    return (num / den) ** 0.5 if den > 0 else float(num > 0)
 
 
 class Generator:
@@ -171,8 +193,19 @@ class Generator:
         if self.recipe.package and version is None:
             raise GenerateError(f"{self.recipe.package} (needed by --model {model}) is not installed")
         if self.recipe.adapter != "hunyuan3d":
-            raise GenerateError(f"`generate` supports the bundled model and the Hunyuan3D recipes; "
-                                f"for {model!r} accelerate its own pipeline (hicache3d patch / accelerate)")
+            from .pipelines import load_pipeline, pipeline_class
+            try:
+                pipeline_class(self.recipe)
+            except KeyError:
+                raise GenerateError(f"`generate` supports the bundled model, the Hunyuan3D recipes, trellis, "
+                                    f"trellis2 and sam3d; for {model!r} accelerate its own pipeline "
+                                    f"(hicache3d patch / accelerate)") from None
+            folder = resolve_weights(self.recipe, weights)
+            self.upstream = load_pipeline(self.recipe, folder, self.device)
+            self.pipe = self.upstream.pipeline
+            self.kind = "upstream"
+            self.network = self.upstream.networks     # forwards of every flow network
+            return
         folder = resolve_weights(self.recipe, weights)
         model_path = _hunyuan_model_path(self.recipe, folder, explicit=bool(weights))
         import importlib
@@ -201,7 +234,14 @@ class Generator:
                 raise GenerateError(f"{path}: {str(e).split(': ', 1)[-1]}") from None
         from PIL import Image
         img = load_image(path) if image is None else image
-        return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        if self.kind == "upstream":
+            pil = pil.convert("RGBA") if pil.mode == "LA" else pil.convert("RGB") if pil.mode == "L" else pil
+            try:
+                return self.upstream.prepare(pil)
+            except GenerateError as e:
+                raise GenerateError(f"{path}: {e}") from None
+        return pil
 
     def warmup(self) -> None:
         """One untimed network call, so the first timed run is not a cold start."""
@@ -224,6 +264,8 @@ class Generator:
             cb = (lambda i, n, t: progress(i + 1, n)) if progress else None
             out = self.pipe(payload, steps=steps, seed=seed, progress=cb)
             return occupancy_to_mesh(out.occupancy[0].cpu())
+        if self.kind == "upstream":
+            return self.upstream.run(payload, steps=steps, seed=seed)
         g = torch.Generator().manual_seed(seed)
         kw = {"num_inference_steps": steps} if steps else {}
         return self.pipe(image=payload, generator=g, **kw)[0]
@@ -246,7 +288,8 @@ class Generator:
             self._sync()
             t0 = time.perf_counter()
             if cache:
-                with accelerate(self.pipe, self.recipe, **(settings or {})) as acc:
+                target = self.upstream.target if self.kind == "upstream" else self.pipe
+                with accelerate(target, self.recipe, **(settings or {})) as acc:
                     mesh = self._raw(payload, steps, seed, progress)
                 stats = acc.stats
             else:
@@ -255,6 +298,10 @@ class Generator:
                 stats = {}
             self._sync()
             seconds = time.perf_counter() - t0
+        if self.kind == "upstream":            # a StageOutput: mesh or reason, and latents
+            out = mesh
+            return Result(out.mesh, seconds, n["calls"], stats.get("skipped_calls", 0), stats,
+                          latents=out.latents, reason=out.reason)
         return Result(mesh, seconds, n["calls"], stats.get("skipped_calls", 0), stats)
 
 
