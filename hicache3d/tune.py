@@ -141,8 +141,12 @@ def _score(pipeline: Pipeline, out: Output, ref: Output, tau: float) -> Dict[str
                     "fscore_mean": float(np.mean(sc["fscore"])), "fscore_min": float(np.min(sc["fscore"])),
                     "chamfer_mean": float(np.mean(sc["chamfer"])), "chamfer_max": float(np.max(sc["chamfer"])),
                     "mesh_items": {k: [float(x) for x in v] for k, v in sc.items()}})
-    runs = out.stats.get("runs") or []
-    row["patterns"] = {s: d.get("pattern") for r in runs[-1:] for s, d in r.get("sites", {}).items()}
+    patterns: Dict[str, str] = {}
+    for r in out.stats.get("runs") or []:          # the last run of each site (of the last input)
+        for s, d in r.get("sites", {}).items():
+            if d.get("pattern"):
+                patterns[s] = d["pattern"]
+    row["patterns"] = patterns
     return row
 
 

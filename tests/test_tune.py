@@ -22,7 +22,7 @@ import hicache3d
 from hicache3d.cli import main
 from hicache3d.settings_file import SettingsError, load_settings
 
-from ._venv import run_py, throwaway_venv
+from ._venv import throwaway_venv
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -194,33 +194,80 @@ print("FORWARDS", out.network_forwards)
 """
 
 
-def test_settings_apply_through_patch_in_a_fresh_interpreter(tmp_path, images, tuned):
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    """One throw-away environment for the in-place tests (each model its own entry)."""
+    from tests.upstream import install
+    return throwaway_venv(tmp_path_factory.mktemp("venv") / "v",
+                          extra_paths=[str(ROOT), str(install.ensure("trellis2"))])
+
+
+def _in(py, *args, timeout=240):
+    env = {**{k: v for k, v in os.environ.items() if k != "HICACHE3D_DISABLE"}, "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(py), *args], capture_output=True, text=True, env=env, cwd=str(ROOT),
+                          timeout=timeout)
+
+
+def test_settings_apply_through_patch_in_a_fresh_interpreter(venv, images, tuned):
     out, res = tuned
     f = out / "settings.toml"
-    py = throwaway_venv(tmp_path / "venv", extra_paths=[str(ROOT)])
-    env = {"PYTHONPATH": str(ROOT)}
-
-    def fresh():
-        r = subprocess.run([str(py), "-c", FRESH.format(steps=STEPS), str(images)], capture_output=True,
-                           text=True, env={**os.environ, **env}, timeout=120)
-        assert "FORWARDS" in r.stdout, r.stdout + r.stderr
-        return int(r.stdout.split("FORWARDS")[1].split()[0])
-
-    cli = lambda *a: subprocess.run([str(py), "-m", "hicache3d", *a], capture_output=True, text=True,  # noqa: E731
-                                    env={**os.environ, **env}, timeout=120)
-    r = cli("patch", "--model", "bundled", "--settings", str(f))
+    r = _in(venv, "-m", "hicache3d", "patch", "--model", "bundled", "--settings", str(f))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "settings per site from" in r.stdout
-    st = cli("status")
+    st = _in(venv, "-m", "hicache3d", "status")
     assert f"settings file: {f.resolve()}" in st.stdout and "hicache3d tune: target" in st.stdout, st.stdout
-    chosen = json.loads((out / "tune.json").read_text())
-    row = {r["id"]: r for r in chosen["rows"]}[chosen["chosen"]["sparse_structure"]]
-    assert fresh() == row["forwards"] < chosen["reference"]["forwards"]
-    r = cli("patch", "--model", "bundled", "--settings", str(_write(
-        tmp_path, '[tune]\nmodel = "bundled"\n[sites.sparse_structure]\nbackend = "dmd"\nfoo = 1\n')))
-    assert r.returncode != 0 and "unknown setting(s) 'foo'" in r.stderr
-    assert cli("unpatch", "--all").returncode == 0
-    assert fresh() == chosen["reference"]["forwards"]
+    table = json.loads((out / "tune.json").read_text())
+    row = {r["id"]: r for r in table["rows"]}[table["chosen"]["sparse_structure"]]
+    r = _in(venv, "-c", FRESH.format(steps=STEPS), str(images))
+    assert "FORWARDS" in r.stdout, r.stdout + r.stderr
+    assert int(r.stdout.split("FORWARDS")[1].split()[0]) == row["forwards"] < table["reference"]["forwards"]
+    assert _in(venv, "-m", "hicache3d", "unpatch", "--model", "bundled").returncode == 0
+
+
+@pytest.mark.parametrize("family", ["trellis2", "sam3d"])
+def test_tune_tiny_real_upstream_models_then_patch_in_a_fresh_interpreter(family, venv, images, tmp_path):
+    """The sweep on the real TRELLIS.2 / SAM 3D samplers (tiny random networks; latent drift
+    only), its choice recomputed from its own table, then its settings file patched in
+    place: a fresh interpreter's plain run makes the combined run's forwards and drift."""
+    from tests import _tune_upstream as U
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(sorted(images.iterdir())[0], one / "a.png")
+    out = tmp_path / "tune"
+    r = _in(venv, "-m", "tests._tune_upstream", family, "tune", str(one), str(out))
+    assert r.returncode == 0 and "RESULT" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((out / "tune.json").read_text())
+    sites = [s.name for s in hicache3d.recipe.get_recipe(family).sites]
+    assert res["sites"] == sites and not res["has_mesh"] and res["target"]["kind"] == "drift"
+    settings = tomllib.loads((out / "settings.toml").read_text())
+    assert settings["tune"]["model"] == family and set(settings["sites"]) == set(sites)
+    for site in sites:
+        rows = [r for r in res["rows"] if r["site"] == site]
+        assert len(rows) == 2 and (out / f"pareto-{site}.png").is_file()
+        # the drift of each row from its per-image values: the worst site's mean
+        for r in rows:
+            assert "iou_mean" not in r
+            means = [np.mean(d["items"]) for d in r["latent_drift"].values()]
+            assert set(r["latent_drift"]) == set(sites) and abs(max(means) - r["drift"]) < 1e-12
+            assert r["latent_drift"][site]["mean"] > 0            # the varied site really changed
+        ok = [r for r in rows if r["drift"] <= U.TARGET_DRIFT]
+        want = min(ok, key=lambda r: (r["forwards"], r["seconds"]))["settings"] if ok else \
+            {"schedule": "fixed", "interval": 1}
+        assert settings["sites"][site] == want, site
+    r = _in(venv, "-m", "hicache3d", "patch", "--model", family, "--settings", str(out / "settings.toml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        r = _in(venv, "-m", "tests._tune_upstream", family, "patched", str(one), str(out))
+        assert "FORWARDS" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+        n, n_ref = map(int, r.stdout.split("FORWARDS")[1].split()[:2])
+        drift = json.loads(r.stdout.split("DRIFT ")[1].splitlines()[0])
+        cb = res["combined"]
+        assert n_ref == res["reference"]["forwards"] and n == cb["forwards"] < n_ref
+        for site in sites:
+            assert abs(drift[site] - cb["latent_drift"][site]["mean"]) < 1e-6, (site, drift, cb["latent_drift"])
+    finally:
+        _in(venv, "-m", "hicache3d", "unpatch", "--model", family)
 
 
 def test_interrupted_tune_resumes_without_redoing_measured_runs(images, tmp_path):
