@@ -561,7 +561,7 @@ def _int_list(value: str):
 
 
 @main.command("bench")
-@click.option("--model", default="bundled", show_default=True, help="Only the bundled generator is swept.")
+@click.option("--model", default="bundled", show_default=True, help="Only the bundled generator is swept (other models: `hicache3d tune`).")
 @click.option("--backends", default="reuse,taylor,hermite,dmd,auto", show_default=True)
 @click.option("--intervals", default="2,3,4,5,6", show_default=True)
 @click.option("--steps", "steps", default="12,25,50", show_default=True)
@@ -583,8 +583,9 @@ def bench_cmd(model, backends, intervals, steps, images, shapes, seed, out):
     """
     from .bench import run_sweep, write_reports
     if model != "bundled":
-        raise click.ClickException("bench sweeps the bundled generator; for an upstream model use "
-                                   "`hicache3d generate --compare` on your own images")
+        raise click.ClickException(f"bench sweeps the bundled generator; for {model} measure and pick "
+                                   f"settings on your own images with `hicache3d tune --model {model} "
+                                   f"--images DIR`")
     bk = [b.strip() for b in backends.split(",") if b.strip()]
     bad = [b for b in bk if b not in ("reuse", "taylor", "hermite", "dmd", "auto")]
     if bad or not bk:
