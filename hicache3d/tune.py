@@ -232,7 +232,7 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
     records = _Records(out / "runs")
     payload = pipeline.prepare(images)
     context = {"model": pipeline.model, "steps": steps, "seed": seed, "tau": tau,
-               "images": [[p.name, _file_digest(p)] for p in images]}
+               "images": [[p.name, _file_digest(p)] for p in images], "pipeline": pipeline.identity()}
     ctx = _digest(context)
 
     ref_path = out / "runs" / f"reference-{ctx}.pt"
@@ -243,7 +243,9 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
         warm = False
         if ref_path.is_file():
             try:
-                ref = Output(**_load_torch(ref_path))
+                st = _load_torch(ref_path)
+                ref = Output(st["latents"], pipeline.mesh_from_state(st["meshes"]) if st["meshes"] is not None
+                             else None, st["forwards"], st["seconds"])
                 resumed += 1
             except Exception:
                 ref = None
@@ -253,8 +255,8 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
             pipeline.warmup(payload, steps)
             warm = True
             ref = pipeline.run(payload, steps=steps, seed=seed, recipe=None)
-            _save_torch(ref_path, {"latents": ref.latents, "meshes": ref.meshes, "forwards": ref.forwards,
-                                   "seconds": ref.seconds})
+            _save_torch(ref_path, {"latents": ref.latents, "forwards": ref.forwards, "seconds": ref.seconds,
+                                   "meshes": pipeline.mesh_state(ref.meshes) if ref.meshes is not None else None})
             measured_now += 1
             say(f"uncached: {ref.forwards} network forwards, {ref.seconds:.2f} s")
         bar.update(1)

@@ -72,6 +72,21 @@ class Pipeline:
             recipe: Optional[Recipe]) -> Output:
         raise NotImplementedError
 
+    def identity(self) -> Dict[str, Any]:
+        """What tells this pipeline's runs apart from another's on the same model and images
+        (its class, weights, call settings): part of the key of the stored runs."""
+        return {"pipeline": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+    def mesh_state(self, meshes: Any) -> Any:
+        """``meshes`` in a compact form for the stored reference (default: trimesh
+        vertices and faces as float32 / int64 arrays)."""
+        return [{"vertices": np.asarray(m.vertices, dtype=np.float32),
+                 "faces": np.asarray(m.faces, dtype=np.int64)} for m in meshes]
+
+    def mesh_from_state(self, state: Any) -> Any:
+        import trimesh
+        return [trimesh.Trimesh(vertices=d["vertices"], faces=d["faces"], process=False) for d in state]
+
     def warmup(self, payload: Any, steps: Optional[int]) -> None:
         """An untimed run before the first timed one (no cold start in the table)."""
         self.run(payload, steps=steps, seed=0, recipe=None)
@@ -138,6 +153,7 @@ class BundledPipeline(Pipeline):
             from .generate import _load_bundled
             gen = _load_bundled(weights, device or "cpu")
         self.gen = gen
+        self.weights = str(weights) if weights else None
         self.default_steps = int(gen.sampling["steps"])
 
     def target(self):
@@ -173,6 +189,15 @@ class BundledPipeline(Pipeline):
         return Output({"sparse_structure": list(out.latent)}, out.occupancy, int(out.network_forwards),
                       seconds, acc.stats if acc is not None else {})
 
+    def identity(self):
+        return {**super().identity(), "weights": self.weights, "sampling": dict(self.gen.sampling)}
+
+    def mesh_state(self, meshes):
+        return meshes
+
+    def mesh_from_state(self, state):
+        return state
+
     def mesh_scores(self, meshes, ref, tau):
         from .bundled.metrics import batch_metrics
         m = batch_metrics(meshes.cpu(), ref.cpu(), tau=tau)
@@ -190,6 +215,7 @@ class GeneratorPipeline(Pipeline):
     def __init__(self, model: str, weights: Optional[str] = None, device: Optional[str] = None):
         from .generate import Generator
         self.gen = Generator(model, weights, device)
+        self.weights = str(Path(weights).resolve()) if weights else None
         super().__init__(self.gen.recipe)
         self.decoder = getattr(self.gen.pipe, "vae", None)
         if self.decoder is None or len(self.sites) != 1:
@@ -200,12 +226,19 @@ class GeneratorPipeline(Pipeline):
     def target(self):
         return self.gen.pipe
 
+    def identity(self):
+        return {**super().identity(), "model": self.model, "weights": self.weights}
+
     def prepare(self, images):
         return [self.gen.prepare(Path(p)) for p in images]
 
     def warmup(self, payload, steps):
         self.gen.warmup()
         self.run(payload[:1], steps=steps, seed=0, recipe=None)
+
+    def call(self, item, steps, seed):
+        """One image through the generator's own pipeline (image -> mesh)."""
+        return self.gen._raw(item, steps, seed, None)
 
     def run(self, payload, *, steps, seed, recipe):
         from .generate import count_forwards
@@ -222,7 +255,7 @@ class GeneratorPipeline(Pipeline):
                 t0 = time.perf_counter()
                 for item in payload:
                     with self.settings(recipe) as acc:
-                        meshes.append(self.gen._raw(item, steps, seed, None))
+                        meshes.append(self.call(item, steps, seed))
                     if acc is not None:
                         stats = acc.stats
                 self.gen._sync()

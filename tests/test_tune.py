@@ -321,3 +321,33 @@ def test_tune_errors(tmp_path, images, monkeypatch):
     r = run("--model", "hunyuan3d-2mini", "--images", str(images))
     assert r.exit_code != 0 and "tencent/Hunyuan3D-2mini" in r.output and "huggingface-cli download" in r.output
     assert "Traceback" not in r.output
+
+
+def test_tune_hunyuan3d_through_generate_pipeline_mesh_and_latent(images, tmp_path):
+    """The Hunyuan3D-2 mini pipeline of `generate` (real hy3dgen code, tiny weights folder):
+    mesh metrics of the decoded meshes and the drift of the latent the VAE decodes; a site
+    left uncached is bit-identical to the uncached run (its wasted last step skipped)."""
+    from hicache3d.tune import tune
+    from hicache3d.tune_pipelines import GeneratorPipeline
+    from .upstream import hy3dgen_env as H
+    H.activate()
+    H.write_model_dir(tmp_path / "models")
+
+    class Tiny(GeneratorPipeline):                 # the tiny model's small volume grid
+        def call(self, item, steps, seed):
+            g = torch.Generator().manual_seed(seed)
+            return self.gen.pipe(image=item, generator=g, num_inference_steps=steps, octree_resolution=16,
+                                 num_chunks=8000)[0]
+    pipe = Tiny("hunyuan3d-2mini", weights=str(tmp_path / "models"), device="cpu")
+    assert pipe.sites == ["shape"] and pipe.has_mesh
+    res = tune(pipe, sorted(images.iterdir())[:1], tmp_path / "t", steps=8, backends=["dmd"], schedules=["fixed"],
+               intervals=[3], target_iou=0.5, progress=False)
+    row, ref = res["rows"][0], res["reference"]
+    assert ref["forwards"] == 8 and row["forwards"] < ref["forwards"]
+    assert 0 < row["drift"] < 1 and 0 < row["iou_mean"] <= 1 and row["chamfer_mean"] >= 0
+    assert set(row["mesh_items"]) == {"chamfer", "fscore", "iou"}
+    assert res["chosen"]["shape"] == (row["id"] if row["iou_mean"] >= 0.5 else None)
+    # every step computed but the wasted dt = 0 one: the same latent and mesh as uncached
+    cb = tune(pipe, sorted(images.iterdir())[:1], tmp_path / "t", steps=8, backends=["dmd"], schedules=["fixed"],
+              intervals=[3], target_iou=1.0 + 1e-9, progress=False)["combined"]
+    assert cb["drift"] == 0.0 and cb["iou_mean"] == 1.0 and cb["forwards"] == ref["forwards"] - 1
