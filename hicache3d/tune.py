@@ -116,8 +116,12 @@ def _file_digest(p: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _site_recipe(pipeline: Pipeline, per_site: Mapping[str, Mapping[str, Any]]):
-    return pipeline.recipe.with_settings({}, {s: dict(per_site.get(s, UNCACHED_SITE)) for s in pipeline.sites})
+def _site_recipe(pipeline: Pipeline, per_site: Mapping[str, Mapping[str, Any]], others: str = "uncached"):
+    """The recipe with ``per_site`` settings; every other site uncached (``others=
+    "uncached"``: a sweep run) or at the recipe's defaults (``"defaults"``: the combined
+    run of a tune of some sites only, as ``patch --settings`` will apply it)."""
+    rest = UNCACHED_SITE if others == "uncached" else None
+    return pipeline.recipe.with_settings({}, {s: dict(per_site.get(s, rest) or {}) for s in pipeline.sites})
 
 
 def _score(pipeline: Pipeline, out: Output, ref: Output, tau: float) -> Dict[str, Any]:
@@ -159,7 +163,7 @@ def _save_torch(path: Path, obj: Any) -> None:
 
 def _load_torch(path: Path) -> Any:
     import torch
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)     # tensors only, no pickled code
 
 
 class _Records:
@@ -263,7 +267,11 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
 
         def measure(kind: str, site: Optional[str], per_site: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
             nonlocal measured_now, resumed, warm
-            rid = _digest({"ctx": ctx, "kind": kind, "sites": per_site})
+            others = "uncached" if kind == "site" else "defaults"
+            key = {"ctx": ctx, "kind": kind, "sites": per_site}
+            if others != "uncached":
+                key["others"] = others
+            rid = _digest(key)
             rec = records.get(rid)
             if rec is not None:
                 resumed += 1
@@ -272,7 +280,7 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
                 pipeline.warmup(payload, steps)
                 warm = True
             bar.set_postfix_str(f"{site or 'all'}: {setting_label(per_site[site]) if site else 'chosen'}")
-            res = pipeline.run(payload, steps=steps, seed=seed, recipe=_site_recipe(pipeline, per_site))
+            res = pipeline.run(payload, steps=steps, seed=seed, recipe=_site_recipe(pipeline, per_site, others))
             rec = {"format": RECORD_FORMAT, "id": rid, "kind": kind, "site": site, "sites": per_site,
                    "settings": per_site[site] if site else None, **_score(pipeline, res, ref, tau)}
             records.put(rec)

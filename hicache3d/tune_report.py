@@ -130,7 +130,7 @@ def _plot(path: Path, site: str, rows: Sequence[Mapping[str, Any]], target, chos
     d.text((L + (W - L - R) // 2 - 90, H - 20), "uncached / cached network forwards", fill="black")
     _, ty = px(x0, target.value)
     d.line([L, ty, W - R, ty], fill=(120, 120, 120), width=1)
-    d.text((W - R + 5, ty - 6), f"target {target.value:g}", fill=(90, 90, 90))
+    d.text((W - R - 80, ty - 14), f"target {target.value:g}", fill=(90, 90, 90))
     front = pareto_rows(rows, kind)
     if len(front) > 1:
         d.line([px(r["forward_ratio"], r["iou_mean"] if kind == "iou" else r["drift"]) for r in front],
