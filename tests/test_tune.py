@@ -351,3 +351,69 @@ def test_tune_hunyuan3d_through_generate_pipeline_mesh_and_latent(images, tmp_pa
     cb = tune(pipe, sorted(images.iterdir())[:1], tmp_path / "t", steps=8, backends=["dmd"], schedules=["fixed"],
               intervals=[3], target_iou=1.0 + 1e-9, progress=False)["combined"]
     assert cb["drift"] == 0.0 and cb["iou_mean"] == 1.0 and cb["forwards"] == ref["forwards"] - 1
+
+
+class FakePipeline:
+    """A stand-in pipeline of the three TRELLIS.2 sites whose latents and forwards follow
+    from the settings it is run with: what tune hands each run is visible."""
+
+    has_mesh = False
+    default_steps = 12
+
+    def __init__(self):
+        from hicache3d.recipe import get_recipe
+        self.recipe = get_recipe("trellis2")
+        self.model = "trellis2"
+        self.sites = [s.name for s in self.recipe.sites]
+        self.calls = []
+
+    def identity(self):
+        return {"pipeline": "fake"}
+
+    def prepare(self, images):
+        return [len(p.read_bytes()) for p in images]
+
+    def warmup(self, payload, steps):
+        pass
+
+    def run(self, payload, *, steps, seed, recipe):
+        from hicache3d.tune_pipelines import Output
+        cfg = {s: (None if recipe is None else recipe.site(s).config) for s in self.sites}
+        self.calls.append(cfg)
+        per = {s: 1 if c is None or c.schedule == "adaptive" and c.tolerance == 0 else
+               (c.interval if c.schedule == "fixed" else 1 + c.tolerance) for s, c in cfg.items()}
+        lat = {s: [torch.full((4,), 1.0 + (per[s] - 1) * 0.03 * (i + 1)) for i, _ in enumerate(payload)]
+               for s in self.sites}
+        forwards = sum(int(round(steps / per[s])) for s in self.sites)
+        return Output(lat, None, forwards, 0.001 * forwards)
+
+
+def test_tune_varies_one_site_with_the_others_uncached_and_picks_by_drift(images, tmp_path):
+    from hicache3d.tune import tune
+    pipe = FakePipeline()
+    res = tune(pipe, sorted(images.iterdir()), tmp_path / "t", backends=["dmd"], schedules=["fixed"],
+               intervals=[2, 3, 4], target_drift=0.05, progress=False)
+    ref, site_runs, combined = pipe.calls[0], pipe.calls[1:-1], pipe.calls[-1]
+    assert all(c is None for c in ref.values())                       # really uncached reference
+    assert len(site_runs) == 3 * 3
+    for row, cfg in zip(res["rows"], site_runs):
+        for s, c in cfg.items():
+            if s == row["site"]:
+                assert (c.backend, c.schedule, c.interval) == ("dmd", "fixed", row["settings"]["interval"])
+            else:
+                assert (c.schedule, c.interval) == ("fixed", 1)           # the others uncached
+    # drift of latent 1 + (k-1) 0.03 (i+1) vs 1: mean over 2 images = 0.045 (k-1); target 0.05 -> k = 2
+    for s in pipe.sites:
+        assert tomllib.loads((tmp_path / "t" / "settings.toml").read_text())["sites"][s] == \
+            {"backend": "dmd", "schedule": "fixed", "interval": 2}
+    assert all(combined[s].interval == 2 for s in pipe.sites)
+    # a tune of one site: the combined run keeps the other sites at the recipe's defaults
+    pipe.calls.clear()
+    res = tune(pipe, sorted(images.iterdir()), tmp_path / "t", backends=["dmd"], schedules=["fixed"],
+               intervals=[2, 3, 4], target_drift=0.1, sites=["shape_slat"], progress=False)
+    assert len(pipe.calls) == 1                                      # only the new combined run
+    combined = pipe.calls[0]
+    assert combined["shape_slat"].interval == 3                      # drift 0.09 <= 0.1
+    for s in ("sparse_structure", "tex_slat"):
+        assert combined[s] == pipe.recipe.site(s).config
+    assert set(tomllib.loads((tmp_path / "t" / "settings.toml").read_text())["sites"]) == {"shape_slat"}
