@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
@@ -38,6 +39,7 @@ class Acceleration:
     pipeline: Any
     recipe: Recipe
     controller: Controller
+    settings_file: Optional[str] = None      # the settings file applied (``settings=``), if any
 
     @property
     def runs(self) -> List[RunRecord]:
@@ -64,6 +66,8 @@ class Acceleration:
         s = self.stats
         lines = [f"{self.recipe.name}: {len(s['runs'])} run(s), {s['network_calls']} network calls, "
                  f"{s['skipped_calls']} skipped, {s['wall_s']:.2f} s"]
+        if self.settings_file:
+            lines.append(f"  settings from {self.settings_file}")
         for site, d in s["sites"].items():
             lines.append(f"  {site}: {d['computed']} computed / {d['forecast']} forecast; "
                          f"per basis {d['per_basis']}; fallbacks {d['fallbacks']}")
@@ -79,14 +83,47 @@ def _settings(recipe: Recipe, settings: Mapping[str, Any],
     return recipe.with_settings(settings, sites or {})
 
 
+def _with_file(pipeline: Any, recipe: Union[str, Recipe, None], settings_file: Any,
+               sites: Optional[Mapping[str, Mapping[str, Any]]], common: Mapping[str, Any]):
+    """Merge a settings file (``hicache3d tune``'s settings.toml) under the explicit
+    settings: per site, the file's values, then ``common``, then ``sites``.  Returns the
+    recipe, the per-site settings and the file's path."""
+    from .settings_file import load_settings
+    if recipe is None:
+        try:
+            base = detect_recipe(pipeline)
+        except RecipeError:
+            base = load_settings(settings_file).model     # the file names its model
+            base = get_recipe(base)
+    else:
+        base = _base(pipeline, recipe)
+    f = load_settings(settings_file, base)
+    merged = {s: dict(v) for s, v in (sites or {}).items()}
+    for s, v in f.sites.items():
+        merged[s] = {**dict(v), **dict(common), **merged.get(s, {})}
+    return base, merged, str(f.path)
+
+
 def enable(pipeline: Any, recipe: Union[str, Recipe, None] = None, *,
-           sites: Optional[Mapping[str, Mapping[str, Any]]] = None, **settings: Any) -> Acceleration:
-    """Accelerate one pipeline object until :func:`disable`.  ``settings`` apply to every
-    site (``backend=``, ``interval=`` ...); ``sites={"shape": {"interval": 3}}`` per site.
+           sites: Optional[Mapping[str, Mapping[str, Any]]] = None,
+           settings: Union[str, "os.PathLike[str]", None] = None, **overrides: Any) -> Acceleration:
+    """Accelerate one pipeline object until :func:`disable`.  ``overrides`` apply to every
+    site (``backend=``, ``interval=`` ...); ``sites={"shape": {"interval": 3}}`` per site;
+    ``settings="tune/settings.toml"``: the per-site settings ``hicache3d tune`` wrote
+    (checked: its model, sites and keys), under the explicit ones.
     Enabling an enabled pipeline replaces its settings."""
     if isinstance(pipeline, type):
         raise TypeError("enable() takes a pipeline object, not a class (use `hicache3d patch` "
                         "to accelerate every pipeline of an installed generator)")
+    source = None
+    if settings is not None:
+        recipe, sites, source = _with_file(pipeline, recipe, settings, sites, overrides)
+    handle = _enable_locked(pipeline, recipe, sites, overrides)
+    handle.settings_file = source
+    return handle
+
+
+def _enable_locked(pipeline, recipe, sites, settings) -> Acceleration:
     with _LOCK:
         if pipeline in _instance_controllers:
             disable(pipeline)
@@ -200,16 +237,25 @@ def _leave(controller: Controller) -> None:
 @contextlib.contextmanager
 def accelerate(pipeline: Any, recipe: Union[str, Recipe, None] = None, *,
                sites: Optional[Mapping[str, Mapping[str, Any]]] = None,
-               **settings: Any) -> Iterator[Acceleration]:
+               settings: Union[str, "os.PathLike[str]", None] = None,
+               **overrides: Any) -> Iterator[Acceleration]:
     """``with accelerate(pipeline, backend="dmd", interval=5) as run:`` accelerates that
     one pipeline inside the block and restores it exactly on exit; ``run.stats`` reports
     what was computed and skipped.
+
+    ``settings="tune/settings.toml"`` applies the per-site settings ``hicache3d tune``
+    wrote (its model, sites and keys are checked: a :class:`SettingsError` says what is
+    wrong); explicit ``sites=`` and keyword settings win over the file's.
 
     Blocks may nest on one pipeline (same recipe): the inner block's settings apply inside
     it, and the outer block's again after it.  Threads may share one pipeline: each
     thread's runs use the settings of its own innermost block (a thread that opened none
     uses the latest block opened), and each block's ``runs`` holds its own runs only."""
-    handle = _enter(pipeline, recipe, settings, sites)
+    source = None
+    if settings is not None:
+        recipe, sites, source = _with_file(pipeline, recipe, settings, sites, overrides)
+    handle = _enter(pipeline, recipe, overrides, sites)
+    handle.settings_file = source
     token = _SCOPED.set(_SCOPED.get() + (handle.controller,))
     try:
         yield handle

@@ -9,35 +9,32 @@ uncached run is also scored against the true shapes.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
-import torch
-
 __all__ = ["run_sweep", "write_reports", "pareto", "ratio_at", "frontier_table"]
 
 
-def _conditions(images: Optional[Path], n: int):
-    from .bundled import shapes
+def _conditions(pipe, images: Optional[Path], n: int):
     if images is None:
-        occ, cond = shapes.make_batch("held_out", list(range(n)))
-        return cond, occ, [f"held_out/{i}" for i in range(n)]
+        return pipe.held_out(n)
     from .generate import list_images
     paths = list_images(Path(images))
-    cond = torch.stack([shapes.image_to_condition(str(p)) for p in paths])
-    return cond, None, [p.name for p in paths]
+    return pipe.prepare(paths), None, [p.name for p in paths]
 
 
-def _scores(pred_occ, ref_occ, pred_lat=None, ref_lat=None, tau: float = 0.05) -> Dict[str, np.ndarray]:
-    from .bundled.metrics import batch_metrics
-    m = batch_metrics(pred_occ.cpu(), ref_occ.cpu(), tau=tau)
-    out = {"fscore": m["fscore"], "chamfer": m["chamfer"], "iou": m["iou"]}
-    if pred_lat is not None:
-        d = (pred_lat - ref_lat).flatten(1).norm(dim=1) / ref_lat.flatten(1).norm(dim=1)
-        out["latent_rel_l2"] = d.double().numpy()
-    return out
+def _scores(pipe, out, ref, tau: float = 0.05, latents: bool = True) -> Dict[str, np.ndarray]:
+    """Per shape: the mesh metrics of the tune pipeline, and the relative L2 of the final
+    latent (the same measures ``hicache3d tune`` tabulates)."""
+    from .tune_pipelines import relative_l2
+    m = pipe.mesh_scores(out.meshes, ref.meshes, tau)
+    res = {"fscore": m["fscore"], "chamfer": m["chamfer"], "iou": m["iou"]}
+    if latents:
+        site = pipe.sites[0]
+        res["latent_rel_l2"] = np.array([relative_l2(a, b) for a, b in
+                                         zip(out.latents[site], ref.latents[site])], dtype=np.float64)
+    return res
 
 
 def _summ(scores: Dict[str, np.ndarray]) -> Dict[str, float]:
@@ -60,50 +57,46 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
 
     ``backends`` x ``intervals``: fixed-cadence rows.  ``adaptive``: ``{backend:
     [tolerance, ...]}``, rows of the error-controlled schedule (``adaptive_options``:
-    further settings of those rows, e.g. ``max_skip``)."""
-    import hicache3d
-    from .bundled.generator import BundledGenerator
-    gen = BundledGenerator.from_pretrained()
-    cond, truth, names = _conditions(images, shapes_n)
+    further settings of those rows, e.g. ``max_skip``).  Every run goes through the
+    bundled pipeline of ``hicache3d tune`` (:class:`hicache3d.tune_pipelines.BundledPipeline`):
+    the reference really uncached, the same counting, timing and scores."""
+    from .tune_pipelines import BundledPipeline
+    pipe = BundledPipeline()
+    cond, truth, names = _conditions(pipe, images, shapes_n)
     say = progress or (lambda s: None)
-    gen(cond[:1], steps=2)                                  # warm-up, untimed
+    pipe.warmup(cond, None)                                 # untimed
     rows: List[Dict[str, Any]] = []
     baselines: Dict[int, Dict[str, Any]] = {}
     result = {"shapes": names, "seed": seed, "first_enhance": first_enhance, "tau": tau,
               "baselines": baselines, "rows": rows}
     for S in steps:
-        t0 = time.perf_counter()
-        ref = gen(cond, steps=S, seed=seed)
-        t_ref = time.perf_counter() - t0
-        base = {"steps": S, "seconds": t_ref, "network_forwards": ref.network_forwards}
+        ref = pipe.run(cond, steps=S, seed=seed, recipe=None)
+        base = {"steps": S, "seconds": ref.seconds, "network_forwards": ref.forwards}
         if truth is not None:
-            base.update({f"vs_truth_{k}": v for k, v in _summ(_scores(ref.occupancy, truth > 0)).items()})
+            truth_out = type(ref)({}, truth > 0)
+            base.update({f"vs_truth_{k}": v for k, v in
+                         _summ(_scores(pipe, ref, truth_out, latents=False)).items()})
         baselines[S] = base
-        say(f"steps {S}: uncached {t_ref:.1f} s, {ref.network_forwards} forwards")
+        say(f"steps {S}: uncached {ref.seconds:.1f} s, {ref.forwards} forwards")
         for b in backends:
             # re-time the uncached run before each block: the speed ratio compares runs
             # made close together (shared machines drift); forward ratios are exact
-            t0 = time.perf_counter()
-            gen(cond, steps=S, seed=seed)
-            t_ref = time.perf_counter() - t0
+            t_ref = pipe.run(cond, steps=S, seed=seed, recipe=None).seconds
             base.setdefault("seconds_remeasured", []).append(t_ref)
             settings = [dict(schedule="fixed", interval=iv) for iv in intervals]
             settings += [dict(schedule="adaptive", tolerance=float(tol), **dict(adaptive_options or {}))
                          for tol in (adaptive or {}).get(b, [])]
             for st in settings:
-                with hicache3d.accelerate(gen, "bundled", backend=b, first_enhance=first_enhance,
-                                          **st) as run:
-                    t0 = time.perf_counter()
-                    out = gen(cond, steps=S, seed=seed)
-                    dt = time.perf_counter() - t0
-                site = run.stats["sites"]["sparse_structure"]
-                sc = _scores(out.occupancy, ref.occupancy, out.latent, ref.latent, tau)
+                recipe = pipe.recipe.with_settings(dict(backend=b, first_enhance=first_enhance, **st))
+                out = pipe.run(cond, steps=S, seed=seed, recipe=recipe)
+                site = out.stats["sites"]["sparse_structure"]
+                sc = _scores(pipe, out, ref, tau)
                 row = {"steps": S, "backend": b, "schedule": st.get("schedule", "fixed"),
                        "interval": st.get("interval"), "tolerance": st.get("tolerance"),
-                       "seconds": dt, "speedup": t_ref / dt, "network_forwards": out.network_forwards,
-                       "forward_ratio": ref.network_forwards / max(out.network_forwards, 1),
+                       "seconds": out.seconds, "speedup": t_ref / out.seconds, "network_forwards": out.forwards,
+                       "forward_ratio": ref.forwards / max(out.forwards, 1),
                        "per_basis": site["per_basis"], "fallbacks": site["fallbacks"],
-                       "pattern": run.stats["runs"][-1]["sites"]["sparse_structure"].get("pattern"),
+                       "pattern": out.stats["runs"][-1]["sites"]["sparse_structure"].get("pattern"),
                        **_summ(sc)}
                 rows.append(row)
                 say(f"steps {S} {b:8s} {_setting(row):16s}: IoU {row['iou_mean']:.3f} (min {row['iou_min']:.3f}), "

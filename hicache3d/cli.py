@@ -105,10 +105,13 @@ _TOLERANCE_HELP = ("Adaptive schedule: the error budget of one forecast window (
 @click.option("--tolerance", type=_TOLERANCE, help=_TOLERANCE_HELP)
 @click.option("--site", "site_overrides", multiple=True, metavar="SITE:KEY=VALUE",
               help="Per-site override, e.g. --site shape:interval=3,backend=taylor (repeatable).")
+@click.option("--settings", "settings_path", type=click.Path(path_type=Path), metavar="FILE",
+              help="Per-site settings written by `hicache3d tune` (OUT/settings.toml); the options "
+                   "above, given too, win over the file's values.")
 @click.option("--force", is_flag=True, help="Patch even if the generator is missing or its version is outside the supported range.")
 @click.option("--user", is_flag=True, help="Write into the user site-packages instead of the active environment.")
 def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, schedule, tolerance,
-              site_overrides, force, user):
+              site_overrides, settings_path, force, user):
     """Accelerate an installed generator in place, for every later Python process.
 
     Writes a one-line .pth file and a config into the active environment's
@@ -121,6 +124,7 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sch
       hicache3d patch --model hunyuan3d-2mini --backend dmd --interval 5
       hicache3d patch --model trellis2 --site shape_slat:interval=4
       hicache3d patch --model trellis --schedule adaptive --tolerance 0.5
+      hicache3d patch --model trellis2 --settings tune/settings.toml
       hicache3d patch --recipe my_sampler.toml
     """
     from .inplace import InPlaceError, write_patch
@@ -136,10 +140,17 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sch
                                          schedule=schedule, tolerance=tolerance).items()
                   if v is not None}
         sites = _parse_site_overrides(site_overrides)
+        source = None
+        if settings_path is not None:
+            from .settings_file import load_settings
+            f = load_settings(settings_path, recipe)
+            for s, v in f.sites.items():
+                sites[s] = {**dict(v), **common, **sites.get(s, {})}
+            source = {"path": str(f.path), "tune": dict(f.tune)}
         recipe.with_settings(common, sites)              # validates every value
         recipe, also, checkout = _check_install(recipe, force, validate_targets=bool(recipe_path))
         path, previous = write_patch(recipe, ref, common, sites, force, user, also=also,
-                                     checkout=checkout)
+                                     checkout=checkout, settings_file=source)
     except (RecipeError, InPlaceError, ValueError) as e:
         raise click.ClickException(str(e))
     if previous is not None:
@@ -148,6 +159,9 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sch
                    f"({was or 'recipe defaults'}) are replaced by these", err=True)
     click.echo(f"patched {recipe.name} in place ({path}); every new Python process that "
                f"imports {' or '.join([recipe.module, *also])} runs accelerated")
+    if settings_path is not None:
+        click.echo(f"settings per site from {source['path']}: " + "; ".join(
+            f"{s} {v}" for s, v in sites.items()))
 
 
 def _patch_recipe(model, recipe_path):
@@ -300,6 +314,11 @@ def status_cmd(user):
         click.echo(f"- {name} (module {' or '.join([entry['module'], *also])}, recipe {entry['recipe']})")
         click.echo(f"    generator: {_install_state(entry['recipe'], entry.get('checkout'))}")
         click.echo(f"    settings: {entry.get('settings') or 'recipe defaults'}")
+        src = entry.get("settings_file")
+        if isinstance(src, dict) and src.get("path"):
+            info = src.get("tune") or {}
+            tuned = ", ".join(f"{k} {info[k]}" for k in ("target", "steps", "images", "created") if k in info)
+            click.echo(f"    settings file: {src['path']}" + (f" (hicache3d tune: {tuned})" if tuned else ""))
         for site, ov in (entry.get("sites") or {}).items():
             click.echo(f"    site {site}: {ov}")
         if entry.get("force"):
@@ -573,7 +592,7 @@ def _int_list(value: str):
 
 
 @main.command("bench")
-@click.option("--model", default="bundled", show_default=True, help="Only the bundled generator is swept.")
+@click.option("--model", default="bundled", show_default=True, help="Only the bundled generator is swept (other models: `hicache3d tune`).")
 @click.option("--backends", default="reuse,taylor,hermite,dmd,auto", show_default=True)
 @click.option("--intervals", default="2,3,4,5,6", show_default=True)
 @click.option("--steps", "steps", default="12,25,50", show_default=True)
@@ -595,8 +614,9 @@ def bench_cmd(model, backends, intervals, steps, images, shapes, seed, out):
     """
     from .bench import run_sweep, write_reports
     if model != "bundled":
-        raise click.ClickException("bench sweeps the bundled generator; for an upstream model use "
-                                   "`hicache3d generate --compare` on your own images")
+        raise click.ClickException(f"bench sweeps the bundled generator; for {model} measure and pick "
+                                   f"settings on your own images with `hicache3d tune --model {model} "
+                                   f"--images DIR`")
     bk = [b.strip() for b in backends.split(",") if b.strip()]
     bad = [b for b in bk if b not in ("reuse", "taylor", "hermite", "dmd", "auto")]
     if bad or not bk:
@@ -646,3 +666,102 @@ def _write_partial(path: Path, res) -> None:
 
     from .mesh import atomic_write
     atomic_write(path, (_json.dumps(dict(res, partial=True), indent=1, default=float) + "\n").encode())
+
+
+def _float_list(value: str, name: str):
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers", param_hint=name)
+
+
+@main.command("tune")
+@click.option("--model", required=True, help="Recipe name (see `hicache3d recipes`).")
+@click.option("--images", "images", required=True, type=click.Path(path_type=Path),
+              help="A folder of your images (PNG, JPEG, WebP), or one image.")
+@click.option("--weights", help="Local weights (as for `generate`): a folder for upstream models, "
+                                "a .safetensors file for the bundled one.")
+@click.option("--steps", type=click.IntRange(2, 1000), help="Sampling steps (default: the model's).")
+@click.option("--seed", default=0, show_default=True, type=_SEEDS)
+@click.option("--backends", default="hermite,dmd,auto", show_default=True, help="Bases to sweep.")
+@click.option("--schedules", default="fixed,adaptive", show_default=True, help="Schedules to sweep.")
+@click.option("--intervals", default="2,3,4,5,6", show_default=True, help="Fixed-schedule intervals.")
+@click.option("--tolerances", default="0.25,0.5,1,2,4", show_default=True, help="Adaptive-schedule tolerances.")
+@click.option("--sites", help="Only these sites (comma-separated; default: every site of the recipe).")
+@click.option("--target-iou", default=0.98, show_default=True, type=click.FloatRange(0, 1),
+              help="Where a mesh is made: mean voxel IoU vs uncached the settings must keep.")
+@click.option("--target-drift", default=0.05, show_default=True, type=click.FloatRange(0, None),
+              help="Where no mesh is made: the largest mean relative L2 of a site's final latent.")
+@click.option("--rank-by", default="forwards", show_default=True, type=click.Choice(["forwards", "seconds"]),
+              help="Fastest = fewest network forwards (exact; ties by wall time), or lowest wall time.")
+@click.option("--out", default=Path("tune"), show_default=True, type=click.Path(path_type=Path),
+              help="Folder for tune.json, tune.md, pareto-SITE.png, settings.toml and runs/.")
+def tune_cmd(model, images, weights, steps, seed, backends, schedules, intervals, tolerances, sites,
+             target_iou, target_drift, rank_by, out):
+    """Measure which cache settings each site of your model takes, on your images, and
+    write the fastest that meet a fidelity target.
+
+    Per site, every basis x interval (fixed schedule) and basis x tolerance (adaptive)
+    runs with that site cached and the others uncached, then the chosen settings of all
+    sites together; each run is compared with the uncached run of the same seed and
+    images: final-latent drift per site, mesh Chamfer / F-score / IoU where the pipeline
+    makes a mesh, network forwards and end-to-end wall time (decoders included).
+    Interrupted, the same command resumes from the runs already measured (OUT/runs/).
+
+    \b
+    Examples:
+      hicache3d tune --model bundled --images photos/ --steps 12 --out tune/
+      hicache3d tune --model hunyuan3d-2mini --images photos/ --weights ~/models --backends dmd,auto
+      hicache3d patch --model bundled --settings tune/settings.toml
+    """
+    from .folder import ensure_writable_folder
+    from .generate import GenerateError, list_images
+    from .tune import tune
+    from .tune_pipelines import TuneError, make_pipeline
+    bk = [b.strip() for b in backends.split(",") if b.strip()]
+    bad = [b for b in bk if b not in ("reuse", "taylor", "hermite", "dmd", "auto")]
+    if bad or not bk:
+        raise click.BadParameter(f"unknown backend(s) {', '.join(bad) or '(none)'}", param_hint="--backends")
+    sch = [s.strip() for s in schedules.split(",") if s.strip()]
+    if not sch or set(sch) - {"fixed", "adaptive"}:
+        raise click.BadParameter(f"{schedules!r}: use fixed, adaptive or both", param_hint="--schedules")
+    ivs, tols = _int_list(intervals), _float_list(tolerances, "--tolerances")
+    if "fixed" in sch and (not ivs or min(ivs) < 1):
+        raise click.BadParameter("intervals must be >= 1", param_hint="--intervals")
+    if "adaptive" in sch and (not tols or min(tols) < 0):
+        raise click.BadParameter("tolerances must be >= 0", param_hint="--tolerances")
+    try:
+        if not images.exists():
+            raise GenerateError(f"--images {images} does not exist")
+        paths = list_images(images)
+        ensure_writable_folder(out, "--out")
+        pipe = make_pipeline(model, weights)
+        res = tune(pipe, paths, out, steps=steps, seed=seed, backends=bk, schedules=sch, intervals=ivs,
+                   tolerances=tols, target_iou=target_iou, target_drift=target_drift, rank_by=rank_by,
+                   sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
+                   progress=True, say=lambda s: click.echo(s, err=True))
+    except (GenerateError, TuneError, ValueError) as e:
+        raise click.ClickException(str(e))
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; the runs measured so far are kept in {out / 'runs'}: run the same "
+                   f"command again to resume", err=True)
+        raise click.exceptions.Exit(130)
+    by_id = {r["id"]: r for r in res["rows"]}
+    ref = res["reference"]
+    for site in res["sites"]:
+        c = by_id.get(res["chosen"][site] or "")
+        if c is None:
+            click.echo(f"{site}: no setting met the target ({res['target']['describe']}); left uncached")
+        else:
+            from .tune import setting_label
+            q = f", IoU {c['iou_mean']:.4f}" if c.get("iou_mean") is not None else ""
+            click.echo(f"{site}: {setting_label(c['settings'])}: {c['forwards']}/{ref['forwards']} forwards "
+                       f"({c['forward_ratio']:.2f}x fewer), {c['speedup']:.2f}x end to end, drift {c['drift']:.4f}{q}")
+    cb = res["combined"]
+    q = f", IoU {cb['iou_mean']:.4f}" if cb.get("iou_mean") is not None else ""
+    d = "n/a" if cb["drift"] is None else f"{cb['drift']:.4f}"
+    click.echo(f"together: {cb['forwards']}/{ref['forwards']} forwards, {cb['speedup']:.2f}x end to end, "
+               f"drift {d}{q} ({'meets' if res['combined_meets_target'] else 'MISSES'} the target)")
+    click.echo(f"{res['runs_measured_now']} runs measured, {res['runs_resumed']} reused; wrote "
+               f"{out / 'tune.md'}, {out / 'settings.toml'}; apply with: hicache3d patch --model "
+               f"{res['model']} --settings {out / 'settings.toml'}")

@@ -79,11 +79,14 @@ def _load(d: Path) -> Dict[str, Any]:
 
 def write_patch(recipe: Recipe, recipe_ref: str, settings: Mapping[str, Any],
                 sites: Mapping[str, Mapping[str, Any]], force: bool, user: bool = False,
-                also: Tuple[str, ...] = (), checkout: Optional[str] = None
+                also: Tuple[str, ...] = (), checkout: Optional[str] = None,
+                settings_file: Optional[Mapping[str, Any]] = None
                 ) -> Tuple[Path, Optional[Dict[str, Any]]]:
     """Record ``recipe`` (with overrides) as patched in place; returns the config path and
     the entry it replaced (``None`` when the model was not patched before).  ``also``: more
-    module names to hook (the recipe's other names, when none was found at patch time)."""
+    module names to hook (the recipe's other names, when none was found at patch time).
+    ``settings_file``: where the per-site settings came from (``{"path": ..., "tune":
+    {...}}``, shown by ``status``; the settings themselves are in ``sites``)."""
     d = target_dir(user)
     data = _load(d)
     previous = data["models"].get(recipe.name)
@@ -94,6 +97,8 @@ def write_patch(recipe: Recipe, recipe_ref: str, settings: Mapping[str, Any],
         entry["also"] = [m for m in also if m != recipe.module]
     if checkout:
         entry["checkout"] = checkout
+    if settings_file:
+        entry["settings_file"] = dict(settings_file)
     data["models"][recipe.name] = entry
     _atomic_write(d / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
     _atomic_write(d / PTH_NAME, PTH_LINE)

@@ -1,0 +1,316 @@
+"""The pipelines ``hicache3d tune`` (and ``bench``) measure: one generator run end to end
+(decoders included), uncached or with a recipe's settings, reporting the final latent of
+each site, the mesh where the pipeline makes one, the network forwards and the wall time.
+
+A pipeline is pluggable: subclass :class:`Pipeline` (``model``, ``sites``, ``prepare``,
+``run``; ``has_mesh`` and ``mesh_scores`` where a mesh is made) and hand it to
+:func:`hicache3d.tune.tune`, or register a factory for a recipe with
+:func:`register_pipeline` so that ``hicache3d tune --model NAME`` finds it.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from .generate import GenerateError
+from .recipe import Recipe, get_recipe
+
+__all__ = ["TuneError", "Output", "Pipeline", "BundledPipeline", "GeneratorPipeline",
+           "register_pipeline", "make_pipeline", "relative_l2"]
+
+
+class TuneError(RuntimeError):
+    """Tuning cannot run as asked; the message says why and what to do."""
+
+
+@dataclass
+class Output:
+    """One run of a pipeline over a batch of inputs.  ``latents``: per site, the final
+    latent of each input (a tensor, a dict/list of tensors or a sparse tensor with
+    ``.feats``); ``meshes``: what :meth:`Pipeline.mesh_scores` compares (``None``: no mesh);
+    ``forwards``: network forwards counted as they happened; ``seconds``: wall time of the
+    whole pipeline (decoders included)."""
+
+    latents: Dict[str, List[Any]]
+    meshes: Any = None
+    forwards: int = 0
+    seconds: float = 0.0
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Base class of the pipelines tune measures.  ``run(payload, recipe=None)`` must be
+    the model's own, really uncached computation (:func:`hicache3d.uncached`); with a
+    :class:`~hicache3d.recipe.Recipe` it runs accelerated with those settings."""
+
+    model: str = ""
+    has_mesh: bool = False
+    default_steps: Optional[int] = None
+
+    def __init__(self, recipe: Optional[Recipe] = None):
+        self.recipe = recipe if recipe is not None else get_recipe(self.model)
+        self.model = self.recipe.name
+
+    @property
+    def sites(self) -> List[str]:
+        return [s.name for s in self.recipe.sites]
+
+    def target(self) -> Any:
+        """The object :func:`hicache3d.accelerate` patches."""
+        raise NotImplementedError
+
+    def prepare(self, images: Sequence[Path]) -> Any:
+        """The inputs of :meth:`run` from image files (decoded once, untimed)."""
+        raise NotImplementedError
+
+    def run(self, payload: Any, *, steps: Optional[int], seed: int,
+            recipe: Optional[Recipe]) -> Output:
+        raise NotImplementedError
+
+    def identity(self) -> Dict[str, Any]:
+        """What tells this pipeline's runs apart from another's on the same model and images
+        (its class, weights, call settings): part of the key of the stored runs."""
+        return {"pipeline": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+    def mesh_state(self, meshes: Any) -> Any:
+        """``meshes`` in a compact form for the stored reference (default: trimesh
+        vertices and faces as float32 / int64 tensors)."""
+        import torch
+        return [{"vertices": torch.from_numpy(np.asarray(m.vertices, dtype=np.float32)),
+                 "faces": torch.from_numpy(np.asarray(m.faces, dtype=np.int64))} for m in meshes]
+
+    def mesh_from_state(self, state: Any) -> Any:
+        import trimesh
+        return [trimesh.Trimesh(vertices=d["vertices"].numpy(), faces=d["faces"].numpy(), process=False)
+                for d in state]
+
+    def warmup(self, payload: Any, steps: Optional[int]) -> None:
+        """An untimed run before the first timed one (no cold start in the table)."""
+        self.run(payload, steps=steps, seed=0, recipe=None)
+
+    def mesh_scores(self, meshes: Any, ref: Any, tau: float) -> Dict[str, np.ndarray]:
+        """Per input: ``chamfer``, ``fscore`` (at ``tau``) and ``iou`` of ``meshes`` vs ``ref``
+        (:func:`hicache3d.mesh.compare_meshes`, each normalised to the unit cube)."""
+        from .mesh import compare_meshes
+        rows = [compare_meshes(a, b, tau=tau) for a, b in zip(meshes, ref)]
+        return {k: np.array([r[k] for r in rows]) for k in ("chamfer", "fscore", "iou")}
+
+    @contextlib.contextmanager
+    def settings(self, recipe: Optional[Recipe]) -> Iterator[Optional[Any]]:
+        """``with self.settings(recipe) as acc``: accelerated with ``recipe`` (``acc`` its
+        handle), or really uncached for ``None``."""
+        from .api import accelerate
+        from .patching import uncached
+        if recipe is None:
+            with uncached():
+                yield None
+        else:
+            with accelerate(self.target(), recipe) as acc:
+                yield acc
+
+
+def relative_l2(a: Any, b: Any) -> Optional[float]:
+    """``|a - b| / |b|`` over every tensor of a latent (tensor, sparse tensor with
+    ``.feats``, dict/list/tuple of them); ``None`` where the two do not have the same
+    structure and shapes (e.g. a sparse latent on other coordinates)."""
+    import torch
+
+    def leaves(x):
+        if hasattr(x, "feats") and not isinstance(x, torch.Tensor):
+            return [x.feats]
+        if isinstance(x, dict):
+            return [t for k in sorted(x) for t in leaves(x[k])]
+        if isinstance(x, (list, tuple)):
+            return [t for v in x for t in leaves(v)]
+        if isinstance(x, torch.Tensor):
+            return [x]
+        raise TypeError(f"cannot measure the drift of a {type(x).__name__} latent")
+
+    la, lb = leaves(a), leaves(b)
+    if len(la) != len(lb) or any(x.shape != y.shape for x, y in zip(la, lb)):
+        return None
+    num = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(la, lb))
+    den = sum(float(y.double().pow(2).sum()) for y in lb)
+    if den == 0.0:
+        return 0.0 if num == 0.0 else None
+    return (num / den) ** 0.5
+
+
+class BundledPipeline(Pipeline):
+    """The bundled generator: a batch of conditions per run, latent of the
+    ``sparse_structure`` site, occupancy grids as the mesh (scored in the grid's fixed
+    unit-cube frame by :func:`hicache3d.bundled.metrics.batch_metrics`)."""
+
+    model = "bundled"
+    has_mesh = True
+
+    def __init__(self, weights: Optional[str] = None, device: Optional[str] = None, gen=None):
+        super().__init__()
+        if gen is None:
+            from .generate import _load_bundled
+            gen = _load_bundled(weights, device or "cpu")
+        self.gen = gen
+        self.weights = str(weights) if weights else None
+        self.default_steps = int(gen.sampling["steps"])
+
+    def target(self):
+        return self.gen
+
+    def prepare(self, images: Sequence[Path]):
+        import torch
+
+        from .bundled import shapes
+        from .generate import load_image
+        conds = []
+        for p in images:
+            try:
+                conds.append(shapes.image_to_condition(load_image(p)))
+            except ValueError as e:
+                raise GenerateError(f"{p}: {str(e).split(': ', 1)[-1]}") from None
+        return torch.stack(conds).to(self.gen.device)
+
+    def held_out(self, n: int):
+        """``n`` held-out shapes of the bundled data: conditions, true occupancy, names."""
+        from .bundled import shapes
+        occ, cond = shapes.make_batch("held_out", list(range(n)))
+        return cond.to(self.gen.device), occ, [f"held_out/{i}" for i in range(n)]
+
+    def warmup(self, payload, steps):
+        self.gen(payload[:1], steps=2)
+
+    def run(self, payload, *, steps, seed, recipe):
+        with self.settings(recipe) as acc:
+            t0 = time.perf_counter()
+            out = self.gen(payload, steps=steps, seed=seed)
+            seconds = time.perf_counter() - t0
+        return Output({"sparse_structure": list(out.latent)}, out.occupancy, int(out.network_forwards),
+                      seconds, acc.stats if acc is not None else {})
+
+    def identity(self):
+        return {**super().identity(), "weights": self.weights, "sampling": dict(self.gen.sampling)}
+
+    def mesh_state(self, meshes):
+        return meshes
+
+    def mesh_from_state(self, state):
+        return state
+
+    def mesh_scores(self, meshes, ref, tau):
+        from .bundled.metrics import batch_metrics
+        m = batch_metrics(meshes.cpu(), ref.cpu(), tau=tau)
+        return {"fscore": m["fscore"], "chamfer": m["chamfer"], "iou": m["iou"]}
+
+
+class GeneratorPipeline(Pipeline):
+    """An upstream generator through :class:`hicache3d.generate.Generator` (the models
+    ``hicache3d generate --model`` knows): one image per call, the mesh it makes, the
+    network forwards counted on the network.  The final latent of the site is the input
+    of the pipeline's decoder (``pipe.vae``: Hunyuan3D)."""
+
+    has_mesh = True
+
+    def __init__(self, model: str, weights: Optional[str] = None, device: Optional[str] = None):
+        from .generate import Generator
+        self.gen = Generator(model, weights, device)
+        self.weights = str(Path(weights).resolve()) if weights else None
+        super().__init__(self.gen.recipe)
+        self.decoder = getattr(self.gen.pipe, "vae", None)
+        if self.decoder is None or len(self.sites) != 1:
+            raise TuneError(f"tune reads the final latent of {model} at its decoder, and this "
+                            f"pipeline has none it knows; tune it in Python with a Pipeline of "
+                            f"your own (hicache3d.tune_pipelines.Pipeline)")
+
+    def target(self):
+        return self.gen.pipe
+
+    def identity(self):
+        return {**super().identity(), "model": self.model, "weights": self.weights}
+
+    def prepare(self, images):
+        return [self.gen.prepare(Path(p)) for p in images]
+
+    def warmup(self, payload, steps):
+        self.gen.warmup()
+        self.run(payload[:1], steps=steps, seed=0, recipe=None)
+
+    def call(self, item, steps, seed):
+        """One image through the generator's own pipeline (image -> mesh)."""
+        return self.gen._raw(item, steps, seed, None)
+
+    def run(self, payload, *, steps, seed, recipe):
+        from .generate import count_forwards
+        seen: List[Any] = []
+
+        def grab(_m, args, kwargs=None):
+            if args:
+                seen.append(args[0].detach().clone())
+        h = self.decoder.register_forward_pre_hook(grab)
+        meshes, stats = [], {}
+        try:
+            with count_forwards(self.gen.network) as n:
+                self.gen._sync()
+                t0 = time.perf_counter()
+                for item in payload:
+                    with self.settings(recipe) as acc:
+                        meshes.append(self.call(item, steps, seed))
+                    if acc is not None:
+                        stats = acc.stats
+                self.gen._sync()
+                seconds = time.perf_counter() - t0
+        finally:
+            h.remove()
+        if len(seen) != len(payload):
+            raise TuneError(f"{self.model}: the decoder saw {len(seen)} latents for {len(payload)} "
+                            f"images; cannot read the final latent")
+        return Output({self.sites[0]: seen}, meshes, n["calls"], seconds, stats)
+
+
+_REGISTRY: Dict[str, Callable[..., Pipeline]] = {}
+
+
+def register_pipeline(name: str, factory: Callable[..., Pipeline]) -> None:
+    """``hicache3d tune --model NAME`` builds its pipeline with ``factory(weights=...,
+    device=...)`` (``name``: a recipe name, or an adapter name for all its recipes)."""
+    _REGISTRY[name] = factory
+
+
+def make_pipeline(model: str, weights: Optional[str] = None, device: Optional[str] = None) -> Pipeline:
+    """The pipeline of ``model``, with clear errors for an unknown or uninstalled model and
+    for weights that are missing offline."""
+    from .generate import default_device, unknown_model_message
+    from .recipe import RecipeError, find_install, known_recipes
+    if not model.endswith(".toml") and model not in known_recipes():
+        raise TuneError(unknown_model_message(model))
+    try:
+        recipe = get_recipe(model)
+    except RecipeError as e:
+        raise TuneError(str(e)) from None
+    device = device or default_device()
+    if recipe.name == "bundled":
+        return BundledPipeline(weights, device)
+    if not find_install(recipe).found:
+        what = recipe.package or recipe.module
+        raise TuneError(f"{recipe.name}'s generator ({what}) is not installed or importable here "
+                        f"(looked for {recipe.module} in this interpreter's path, the current "
+                        f"directory and PYTHONPATH); install it (pip install {recipe.package}) or run "
+                        f"from its source checkout" if recipe.package else
+                        f"{recipe.name}'s generator ({what}) is not importable here; run from its "
+                        f"source checkout or put it on PYTHONPATH")
+    factory = _REGISTRY.get(recipe.name) or _REGISTRY.get(recipe.adapter)
+    if factory is not None:
+        return factory(weights=weights, device=device)
+    try:
+        return GeneratorPipeline(recipe.name, weights, device)
+    except GenerateError as e:
+        msg = str(e)
+        if "`generate` supports" in msg:
+            raise TuneError(f"no end-to-end pipeline for {recipe.name} in this version of "
+                            f"hicache3d (`hicache3d generate --model` does not run it); tune it in "
+                            f"Python: hicache3d.tune.tune(MyPipeline(...), images, out) with a "
+                            f"hicache3d.tune_pipelines.Pipeline of your own") from None
+        raise TuneError(msg) from None

@@ -1,0 +1,137 @@
+"""``hicache3d tune`` on the tiny real-code TRELLIS.2 and SAM 3D models of tests/upstream,
+run in a fresh interpreter (TRELLIS.2 imports as ``trellis`` and may share no process
+with TRELLIS v1):
+
+    python -m tests._tune_upstream FAMILY tune IMAGES OUT      # the sweep; prints RESULT {json}
+    python -m tests._tune_upstream FAMILY patched IMAGES OUT   # one plain run (the in-place patch,
+        # if any, accelerates it) and one really uncached; prints FORWARDS n DRIFT {site: d}
+
+The pipelines here chain the real samplers of every site (the tiny models have no
+decoders: latent drift only); an image stands for a seed (the inputs are random)."""
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hicache3d.tune_pipelines import Output, Pipeline, relative_l2
+
+STEPS = {"trellis2": 8, "sam3d": 8}
+GRID = {"backends": ["dmd"], "schedules": ["fixed", "adaptive"], "intervals": [2], "tolerances": [1.0]}
+TARGET_DRIFT = 0.1
+
+
+class Holder:
+    """Stands for a pipeline object: only its sampler / generator attributes matter."""
+
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+
+def _seed(path: Path) -> int:
+    return int(hashlib.sha1(Path(path).read_bytes()).hexdigest()[:6], 16) % 997
+
+
+class Trellis2Tiny(Pipeline):
+    model = "trellis2"
+    default_steps = STEPS["trellis2"]
+
+    def __init__(self):
+        from tests.upstream import trellis2_env as E
+        self.E = E
+        E.activate()
+        super().__init__()
+        self.nets = (E.build_ss_flow(0), E.build_shape_flow(0), E.build_tex_flow(0))
+        self.pipe = Holder(sparse_structure_sampler=E.make_sampler("interval"),
+                           shape_slat_sampler=E.make_sampler("interval"),
+                           tex_slat_sampler=E.make_sampler("interval"))
+
+    def target(self):
+        return self.pipe
+
+    def prepare(self, images):
+        return [_seed(p) for p in images]
+
+    def raw(self, payload, steps, seed):
+        E, (ss, sh, tx), p = self.E, self.nets, self.pipe
+        lat = {"sparse_structure": [], "shape_slat": [], "tex_slat": []}
+        with E.count_calls(ss) as a, E.count_calls(sh) as b, E.count_calls(tx) as c:
+            for s in payload:
+                x = E.sample_ss(p.sparse_structure_sampler, ss, steps=steps, seed=s + seed).samples
+                y = E.sample_shape(p.shape_slat_sampler, sh, steps=steps, seed=s + seed).samples
+                z = E.sample_tex(p.tex_slat_sampler, tx, y, steps=steps, seed=s + seed).samples
+                lat["sparse_structure"].append(x.clone())
+                lat["shape_slat"].append(y.feats.clone())
+                lat["tex_slat"].append(z.feats.clone())
+        return lat, a.n + b.n + c.n
+
+    def run(self, payload, *, steps, seed, recipe):
+        with self.settings(recipe) as acc, torch.no_grad():
+            t0 = time.perf_counter()
+            lat, n = self.raw(payload, steps, seed)
+            dt = time.perf_counter() - t0
+        return Output(lat, None, n, dt, acc.stats if acc is not None else {})
+
+
+class Sam3dTiny(Pipeline):
+    model = "sam3d"
+    default_steps = STEPS["sam3d"]
+
+    def __init__(self):
+        from tests.upstream import sam3d_env as S
+        self.S = S
+        S.activate()
+        super().__init__()
+        self.ss, self.slat = S.build_ss_generator(0), S.build_slat_generator(0)
+        self.pipe = Holder(ss_generator=self.ss, slat_generator=self.slat)
+
+    def target(self):
+        return self.pipe
+
+    def prepare(self, images):
+        return [_seed(p) for p in images]
+
+    def raw(self, payload, steps, seed):
+        S = self.S
+        lat = {"sparse_structure": [], "slat": []}
+        with S.count_calls(self.ss.reverse_fn.backbone) as a, S.count_calls(self.slat.reverse_fn.backbone) as b:
+            for s in payload:
+                x = S.generate_ss(self.ss, seed=s + seed, steps=steps)
+                y = S.generate_slat(self.slat, seed=s + seed, steps=steps)
+                lat["sparse_structure"].append({k: v.clone() for k, v in x.items()})
+                lat["slat"].append(y.clone())
+        return lat, a.n + b.n
+
+    def run(self, payload, *, steps, seed, recipe):
+        with self.settings(recipe) as acc:
+            t0 = time.perf_counter()
+            lat, n = self.raw(payload, steps, seed)
+            dt = time.perf_counter() - t0
+        return Output(lat, None, n, dt, acc.stats if acc is not None else {})
+
+
+def main():
+    torch.set_num_threads(1)
+    family, mode, images, out = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+    pipe = {"trellis2": Trellis2Tiny, "sam3d": Sam3dTiny}[family]()
+    paths = sorted(images.iterdir())
+    if mode == "tune":
+        from hicache3d.tune import tune
+        res = tune(pipe, paths, out, progress=False, target_drift=TARGET_DRIFT, **GRID)
+        print("RESULT " + json.dumps(res))
+        return
+    import hicache3d
+    payload = pipe.prepare(paths)
+    with torch.no_grad():
+        lat, n = pipe.raw(payload, pipe.default_steps, 0)
+        with hicache3d.uncached():
+            ref, n_ref = pipe.raw(payload, pipe.default_steps, 0)
+    import numpy as np
+    drift = {s: float(np.mean([relative_l2(a, b) for a, b in zip(lat[s], ref[s])])) for s in lat}
+    print("FORWARDS", n, n_ref, "DRIFT " + json.dumps(drift))
+
+
+if __name__ == "__main__":
+    main()
