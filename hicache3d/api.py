@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 
 from .cache import CacheStats
-from .patching import _SCOPED, Controller, RunRecord, _instance_controllers
+from .patching import Controller, Instrumentor, RunRecord, bind, controller_of, rebind, use_controller
 from .recipe import Recipe, RecipeError, get_recipe, known_recipes
 
 __all__ = ["Acceleration", "accelerate", "enable", "disable", "detect_recipe"]
@@ -125,7 +125,7 @@ def enable(pipeline: Any, recipe: Union[str, Recipe, None] = None, *,
 
 def _enable_locked(pipeline, recipe, sites, settings) -> Acceleration:
     with _LOCK:
-        if pipeline in _instance_controllers:
+        if controller_of(pipeline) is not None:
             disable(pipeline)
         base = _base(pipeline, recipe)
         handle = _enable(pipeline, _settings(base, settings, sites))
@@ -146,41 +146,34 @@ _LOCK = threading.RLock()       # enable / disable / entering and leaving accele
 
 def _enable(pipeline: Any, recipe: Recipe) -> Acceleration:
     from .patches import adapter_class
-    controller = Controller(recipe, scope="object")
+    controller = Controller(recipe)
     adapter = adapter_class(recipe.adapter)(recipe)
     try:
-        adapter.install_object(pipeline, controller)
+        adapter.instrument(controller, pipeline)
     except Exception:
-        _forget(controller)
+        Instrumentor.uninstrument(controller)
         raise
     # the adapter may have registered the samplers the pipeline holds; the pipeline itself
     # is registered too, so that disable(pipeline) finds and undoes everything
-    _instance_controllers.setdefault(pipeline, controller)
+    if controller_of(pipeline) is None:
+        bind(pipeline, controller)
     handle = Acceleration(pipeline, recipe, controller)
     controller.handle = handle
     return handle
-
-
-def _forget(controller: Controller) -> None:
-    """Remove every patch of ``controller`` and every object registered with it."""
-    controller.enabled = False
-    controller.remove_patches()
-    for obj in [o for o, c in list(_instance_controllers.items()) if c is controller]:
-        _instance_controllers.pop(obj, None)
 
 
 def disable(pipeline: Any) -> Optional[Acceleration]:
     """Undo :func:`enable`: the pipeline (and every sampler it holds) is restored exactly
     (inside ``accelerate`` blocks on it, this ends all of them)."""
     with _LOCK:
-        controller = _instance_controllers.get(pipeline)
+        controller = controller_of(pipeline)
         if controller is None:
             return None
         for c in controller.group or ():
             c.enabled = False
         if controller.group is not None:
             controller.group.clear()
-        _forget(controller)
+        Instrumentor.uninstrument(controller)
         return getattr(controller, "handle", None)
 
 
@@ -190,10 +183,7 @@ def _enter(pipeline: Any, recipe: Union[str, Recipe, None], settings: Mapping[st
     while another is open (nested, or in another thread) shares the patches and brings
     its own settings and records."""
     with _LOCK:
-        try:
-            outer = _instance_controllers.get(pipeline)
-        except TypeError:
-            outer = None
+        outer = controller_of(pipeline)
         if outer is None or outer.group is None or not outer.enabled:
             handle = enable(pipeline, recipe, sites=sites, **settings)
             handle.controller.group = [handle.controller]
@@ -205,13 +195,12 @@ def _enter(pipeline: Any, recipe: Union[str, Recipe, None], settings: Mapping[st
             raise RecipeError(f"{type(pipeline).__qualname__} is already accelerated with recipe "
                               f"{outer.recipe.name!r} by an enclosing accelerate block; a nested "
                               f"block must use the same recipe (leave the outer block first)")
-        controller = Controller(recipe, scope="object")
+        controller = Controller(recipe)
         controller.patches = outer.patches               # one set of patches per object
         controller.group = outer.group
         controller.group.append(controller)
         controller.base_recipe = base
-        for obj in [o for o, c in list(_instance_controllers.items()) if c is outer]:
-            _instance_controllers[obj] = controller
+        rebind(outer, controller)
         handle = Acceleration(pipeline, recipe, controller)
         controller.handle = handle
         return handle
@@ -227,11 +216,9 @@ def _leave(controller: Controller) -> None:
             return                       # already ended by disable()
         group.remove(controller)
         if not group:
-            _forget(controller)
+            Instrumentor.uninstrument(controller)
             return
-        top = group[-1]
-        for obj in [o for o, c in list(_instance_controllers.items()) if c is controller]:
-            _instance_controllers[obj] = top
+        rebind(controller, group[-1])
 
 
 @contextlib.contextmanager
@@ -256,9 +243,8 @@ def accelerate(pipeline: Any, recipe: Union[str, Recipe, None] = None, *,
         recipe, sites, source = _with_file(pipeline, recipe, settings, sites, overrides)
     handle = _enter(pipeline, recipe, overrides, sites)
     handle.settings_file = source
-    token = _SCOPED.set(_SCOPED.get() + (handle.controller,))
     try:
-        yield handle
+        with use_controller(handle.controller):
+            yield handle
     finally:
-        _SCOPED.reset(token)
         _leave(handle.controller)

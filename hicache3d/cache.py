@@ -210,8 +210,6 @@ class VelocityCache:
             del self.runs[:-64]
         self._start(num_steps)
 
-    start_run = reset
-
     def _check_plan(self, computed: int, steps: int) -> None:
         if self._warned or computed >= HANDFUL or steps - computed <= computed:
             return

@@ -429,9 +429,9 @@ def _generate_one_cli(image, out, model, weights, settings, steps, seed, no_cach
 
     from .folder import ensure_writable_folder
     from .generate import GenerateError, Generator, list_images, load_image
-    from .mesh import _ext, compare_meshes, export_mesh
+    from .mesh import compare_meshes, export_mesh, mesh_format
     list_images(image)
-    _ext(out)
+    mesh_format(out)
     if out.is_dir():
         raise GenerateError(f"--out {out} is a folder; give a mesh file name such as {out / 'mesh.glb'} "
                             f"(a folder --out needs a folder --image)")

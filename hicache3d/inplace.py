@@ -16,13 +16,13 @@ from .patching import Controller
 from .recipe import Recipe, RecipeError, for_module, get_recipe, version_status
 
 __all__ = ["InPlaceError", "site_dir", "target_dir", "write_patch", "remove_patch", "read_patches",
-           "install_entry", "inplace_controllers"]
+           "install_entry", "uninstall_entry", "installed"]
 
 PTH_LINE = ("import importlib.util as _h3; "
             "_h3.find_spec('hicache3d') and __import__('hicache3d._bootstrap').__dict__; "
             "del _h3\n")
 
-inplace_controllers: Dict[str, Controller] = {}
+_installed: Dict[str, Controller] = {}      # model name -> controller of its class patches
 
 
 class InPlaceError(RuntimeError):
@@ -145,8 +145,8 @@ def install_entry(name: str, entry: Mapping[str, Any], module: Optional[str] = N
     """Apply one config entry (called by the post-import hook of ``module``, one of the
     entry's module names)."""
     from .patches import adapter_class
-    if name in inplace_controllers:
-        return inplace_controllers[name]
+    if name in _installed:
+        return _installed[name]
     recipe = get_recipe(entry["recipe"]).with_settings(entry.get("settings", {}), entry.get("sites", {}))
     module = module or entry["module"]
     source_install = module != recipe.module      # an alternative module name
@@ -157,7 +157,22 @@ def install_entry(name: str, entry: Mapping[str, Any], module: Optional[str] = N
         if not entry.get("force"):
             raise RecipeError(msg + " (patch with --force to try anyway)")
         print(f"hicache3d: warning: {msg}; patched anyway (--force)", file=sys.stderr)
-    controller = Controller(recipe, scope="class")
-    adapter_class(recipe.adapter)(recipe).install_class(controller)
-    inplace_controllers[name] = controller
+    controller = Controller(recipe)
+    adapter_class(recipe.adapter)(recipe).instrument(controller)
+    _installed[name] = controller
     return controller
+
+
+def installed() -> Dict[str, Controller]:
+    """The entries applied in this process: model name -> controller (a copy)."""
+    return dict(_installed)
+
+
+def uninstall_entry(name: str) -> bool:
+    """Undo :func:`install_entry` in this process: the classes are restored exactly and a
+    later ``install_entry(name, ...)`` patches afresh.  ``False`` if it was not applied."""
+    controller = _installed.pop(name, None)
+    if controller is None:
+        return False
+    controller.remove_patches()
+    return True

@@ -17,8 +17,8 @@ import torch
 
 from ._io import atomic_write  # noqa: F401  (re-exported: mesh.atomic_write)
 
-__all__ = ["MESH_FORMATS", "MeshError", "export_mesh", "load_mesh", "normalize_unit_cube",
-           "voxelize", "compare_meshes"]
+__all__ = ["MESH_FORMATS", "MeshError", "export_mesh", "load_mesh", "mesh_format",
+           "normalize_unit_cube", "voxelize", "compare_meshes"]
 
 MESH_FORMATS = ("glb", "obj", "ply", "stl")
 
@@ -27,7 +27,9 @@ class MeshError(ValueError):
     """A mesh cannot be read, written or compared; the message says why."""
 
 
-def _ext(path: Union[str, Path]) -> str:
+def mesh_format(path: Union[str, Path]) -> str:
+    """The mesh format of ``path`` by its extension (``"glb"``, ``"ply"`` ...), or a
+    :class:`MeshError` naming the supported ones."""
     ext = Path(path).suffix.lower().lstrip(".")
     if ext not in MESH_FORMATS:
         raise MeshError(f"unsupported output extension {Path(path).suffix or '(none)'!r} for "
@@ -39,7 +41,7 @@ def export_mesh(mesh, path: Union[str, Path]) -> Path:
     """Write ``mesh`` (a ``trimesh.Trimesh``) to ``path``, format by extension.  The file
     appears complete or not at all (temporary file in the same folder, then rename)."""
     path = Path(path)
-    ext = _ext(path)
+    ext = mesh_format(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise MeshError(f"cannot write {path}: folder {folder} does not exist")

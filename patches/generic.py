@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hicache3d.patching import AttributePatch, ClassSwapPatch, Controller, run_wrapper, step_wrapper
+from hicache3d.patching import (Controller, bind, is_wrapped, run_wrapper, step_wrapper, swap_class,
+                                wrap_method)
 from hicache3d.recipe import RecipeError
 
 from .base import Adapter, resolve, time_getter
@@ -33,15 +34,12 @@ class GenericAdapter(Adapter):
             out.append((site, owner, name))
         return out
 
-    def install_class(self, controller: Controller) -> None:
+    def _instrument_class(self, controller: Controller) -> None:
         owner, name = self.run_target()
-        patches = [AttributePatch(owner, name, run_wrapper(controller), self.recipe.name)]
-        for site, sowner, sname in self._steps():
-            t_of = time_getter(site.t_arg)
-            patches.append(AttributePatch(sowner, sname, step_wrapper(site.name, t_of), self.recipe.name))
-        for p in patches:
-            if p.apply():
-                controller.patches.append(p)
+        steps = self._steps()                   # every target resolved before any is patched
+        wrap_method(controller, owner, name, run_wrapper(controller))
+        for site, sowner, sname in steps:
+            wrap_method(controller, sowner, sname, step_wrapper(site.name, time_getter(site.t_arg)))
 
     def _targets(self, obj: Any):
         """``obj`` itself if it is a sampler of the run class, else the samplers among its
@@ -58,7 +56,7 @@ class GenericAdapter(Adapter):
         except RecipeError:
             return False
 
-    def install_object(self, obj: Any, controller: Controller) -> None:
+    def _instrument_object(self, obj: Any, controller: Controller) -> None:
         targets = self._targets(obj)
         if not targets:
             owner, name = self.run_target()
@@ -68,20 +66,15 @@ class GenericAdapter(Adapter):
             self._install_one(target, controller)
 
     def _install_one(self, obj: Any, controller: Controller) -> None:
-        self.register_object(obj, controller)
+        bind(obj, controller)
         owner, name = self.run_target()
-        if self._already_class_patched(owner, name):
+        if is_wrapped(owner, name):
             return
         wrappers = {name: run_wrapper(None)}
         for site, sowner, sname in self._steps():
-            t_of = time_getter(site.t_arg)
-            w = step_wrapper(site.name, t_of)
+            w = step_wrapper(site.name, time_getter(site.t_arg))
             if isinstance(sowner, type) and isinstance(obj, sowner):
                 wrappers[sname] = w
             else:
-                p = AttributePatch(sowner, sname, w, self.recipe.name)
-                if p.apply():
-                    controller.patches.append(p)
-        p = ClassSwapPatch(obj, wrappers, self.recipe.name)
-        if p.apply():
-            controller.patches.append(p)
+                wrap_method(controller, sowner, sname, w)
+        swap_class(controller, obj, wrappers)

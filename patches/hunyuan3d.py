@@ -13,16 +13,23 @@ pipeline multiplies by ``dt = 0``) and reports it as ``wasted_steps_skipped``.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, List, Optional
 
 import torch
 
-from hicache3d.patching import (AttributePatch, ClassSwapPatch, Controller, Run, current_run,
-                                run_wrapper)
+from hicache3d.patching import (AdapterState, Controller, Run, bind, current_run, is_wrapped, run_wrapper,
+                                swap_class, wrap_method)
 
 from .base import Adapter
 
 SITE = "shape"
+
+
+@dataclass
+class _State(AdapterState):
+    sigmas: Optional[List[float]] = None   # the scheduler's sigmas, read at the first step
+    last: Any = None                       # the latest model output (shape of the skipped one)
 
 
 def _model_step_wrapper(model: Any):
@@ -30,21 +37,22 @@ def _model_step_wrapper(model: Any):
         run = current_run(SITE)
         if run is None or getattr(run.instance, "model", None) is not model:
             return wrapped(*args, **kwargs)
-        cache = run.caches[SITE]
-        sigmas = run.scratch.get("sigmas")
+        cache = run.cache(SITE)
+        st = run.state(_State)
+        sigmas = st.sigmas
         if sigmas is None:      # read once per run (set_timesteps ran before the loop)
             sig = getattr(getattr(run.instance, "scheduler", None), "sigmas", None)
             sigmas = sig.tolist() if isinstance(sig, torch.Tensor) and sig.dim() == 1 else []
-            run.scratch["sigmas"] = sigmas
+            st.sigmas = sigmas
         i = cache.step_index
-        last = run.scratch.get("last")
+        last = st.last
         if last is not None and i == len(sigmas) - 2 and sigmas[i + 1] == sigmas[i]:
             run.extra["wasted_steps_skipped"] += 1
             cache.skip()
             return torch.zeros_like(last)
         t = args[1] if len(args) > 1 else kwargs.get("t", kwargs.get("timestep", 0.0))
         out = cache.step(t, lambda: wrapped(*args, **kwargs))
-        run.scratch["last"] = out
+        st.last = out
         return out
     return wrapper
 
@@ -55,24 +63,16 @@ class Hunyuan3DAdapter(Adapter):
             model = getattr(run.instance, "model", None)
             if model is None:
                 return
-            p = AttributePatch(model, "forward", _model_step_wrapper(model), self.recipe.name)
-            if p.apply():
-                controller.patches.append(p)
+            wrap_method(controller, model, "forward", _model_step_wrapper(model))
         return on_open
 
-    def install_class(self, controller: Controller) -> None:
+    def _instrument_class(self, controller: Controller) -> None:
         owner, name = self.run_target()
-        p = AttributePatch(owner, name, run_wrapper(controller, on_open=self._on_open(controller)),
-                           self.recipe.name)
-        if p.apply():
-            controller.patches.append(p)
+        wrap_method(controller, owner, name, run_wrapper(controller, on_open=self._on_open(controller)))
 
-    def install_object(self, obj: Any, controller: Controller) -> None:
-        self.register_object(obj, controller)
+    def _instrument_object(self, obj: Any, controller: Controller) -> None:
+        bind(obj, controller)
         owner, name = self.run_target()
-        if self._already_class_patched(owner, name):
+        if is_wrapped(owner, name):
             return
-        p = ClassSwapPatch(obj, {name: run_wrapper(None, on_open=self._on_open(controller))},
-                           self.recipe.name)
-        if p.apply():
-            controller.patches.append(p)
+        swap_class(controller, obj, {name: run_wrapper(None, on_open=self._on_open(controller))})

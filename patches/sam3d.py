@@ -49,13 +49,15 @@ and ``solve_iter`` yields ``(x_t, t, v)``; both pass through unchanged.  Site op
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from hicache3d.cfg import AdaptiveCFG
-from hicache3d.patching import AttributePatch, ClassSwapPatch, Controller, Run, current_run
+from hicache3d.patching import (AdapterState, Controller, Run, bind, current_run, generator_run_wrapper,
+                                is_wrapped, swap_class, wrap_method)
 from hicache3d.recipe import RecipeError
 
-from .base import Adapter, generator_run_wrapper, resolve
+from .base import Adapter
 
 SS, SLAT = "sparse_structure", "slat"
 SOLVER_MODULE = "sam3d_objects.model.backbone.generator.flow_matching.solver"
@@ -63,6 +65,16 @@ SOLVER_MODULE = "sam3d_objects.model.backbone.generator.flow_matching.solver"
 
 class UnsupportedSolverError(RuntimeError):
     """The recipe cannot accelerate this solver correctly, so it refuses to run it."""
+
+
+@dataclass
+class _State(AdapterState):
+    """What the run's opening decided (the site itself is ``run.site``)."""
+
+    generator: Any = None                   # the object owning ``dynamics_fn``
+    mode: str = "cache"                     # "cache", "swap", "replace" or "off" (see module doc)
+    cfg_module: Any = None                  # the ClassifierFreeGuidance module under adaptive CFG
+    acfg: Optional[AdaptiveCFG] = None
 
 
 # ------------------------------------------------------------------ classification
@@ -119,7 +131,7 @@ def _forced_step(run: Run, site: str, t: Any, velocity: Optional[Any], full: boo
     """Push ``velocity`` (``full``) or return a forecast, through the site's cache (its
     statistics and trace), on a schedule decided elsewhere (the fork's own TaylorSeer
     schedule)."""
-    return run.caches[site].step(t, lambda: velocity, force_compute=full, force_forecast=not full)
+    return run.cache(site).step(t, lambda: velocity, force_compute=full, force_forecast=not full)
 
 
 class SAM3DAdapter(Adapter):
@@ -140,17 +152,18 @@ class SAM3DAdapter(Adapter):
             raise RecipeError(f"recipe {run.controller.recipe.name!r} has no site {site!r} "
                               f"(sites: {', '.join(run.caches)})")
         solver = run.instance
-        run.scratch.update(site=site, generator=owner, mode="cache")
+        st = run.state(_State)
+        run.site, st.generator, st.mode = site, owner, "cache"
         opts = self.options(run, site)
         native = opts.get("native")
         if self.fast and site == SS and has_native_taylorseer(owner):
             if native not in ("swap", "keep"):
                 raise RecipeError(f"site {site!r}: native must be 'swap' or 'keep', got {native!r}")
-            run.scratch["mode"] = "swap" if native == "swap" else "off"
+            st.mode = "swap" if native == "swap" else "off"
         elif self.fast and has_native_skip(solver):
             if native not in ("replace", "keep"):
                 raise RecipeError(f"site {site!r}: native must be 'replace' or 'keep', got {native!r}")
-            run.scratch["mode"] = "replace" if native == "replace" else "off"
+            st.mode = "replace" if native == "replace" else "off"
         elif not is_euler(solver):
             raise UnsupportedSolverError(
                 f"hicache3d ({run.controller.recipe.name}): the {type(solver).__name__} solver of the "
@@ -158,22 +171,20 @@ class SAM3DAdapter(Adapter):
                 f"(Midpoint/RK4 evaluate the velocity at intermediate points, SDE adds noise). "
                 f"Build the generator with solver_method='euler', or turn acceleration off for it "
                 f"(hicache3d.disable / `hicache3d unpatch --model {run.controller.recipe.name}`).")
-        if opts.get("adaptive_cfg") and run.scratch["mode"] != "off":
+        if opts.get("adaptive_cfg") and st.mode != "off":
             cfg = getattr(owner, "reverse_fn", None)
             if cfg is None or not hasattr(cfg, "inner_forward") or not hasattr(cfg, "_cfg_step"):
                 raise RecipeError(f"site {site!r}: adaptive_cfg needs a ClassifierFreeGuidance reverse_fn")
             if _class_named(cfg, "PointmapCFG") is not None:
                 raise UnsupportedSolverError("adaptive_cfg does not support PointmapCFG (three forwards)")
-            run.scratch["cfg_module"] = cfg
-            run.scratch["acfg"] = AdaptiveCFG(
+            st.cfg_module = cfg
+            st.acfg = AdaptiveCFG(
                 gamma=float(opts.get("cfg_gamma", 0.94)), warmup=int(opts.get("cfg_warmup", 2)),
-                recheck=int(opts.get("cfg_recheck", 3)), batch_dim=run.caches[site].config.batch_dim)
-            p = AttributePatch(cfg, "inner_forward", _cfg_wrapper(cfg), run.controller.recipe.name)
-            if p.apply():
-                run.controller.patches.append(p)
+                recheck=int(opts.get("cfg_recheck", 3)), batch_dim=run.cache(site).config.batch_dim)
+            wrap_method(run.controller, cfg, "inner_forward", _cfg_wrapper(cfg))
 
     def _close(self, run: Run) -> None:
-        acfg = run.scratch.get("acfg")
+        acfg = run.state(_State).acfg
         if acfg is not None:
             run.extra["cfg_uncond_skipped"] += acfg.stats.cond_only
             run.extra["cfg_full"] += acfg.stats.full
@@ -185,9 +196,9 @@ class SAM3DAdapter(Adapter):
     def step_wrapper(self) -> Callable:
         def wrapper(wrapped, instance, args, kwargs):
             run = current_run()
-            if run is None or run.instance is not instance or "site" not in run.scratch:
+            if run is None or run.instance is not instance or run.site is None:
                 return wrapped(*args, **kwargs)
-            mode, site = run.scratch["mode"], run.scratch["site"]
+            mode, site = run.state(_State).mode, run.site
             if mode == "off":
                 return wrapped(*args, **kwargs)
             fn = args[0] if args else kwargs.pop("dynamics_fn")
@@ -206,21 +217,17 @@ class SAM3DAdapter(Adapter):
             out.append(mod.Euler_end_slat)
         return out
 
-    def install_class(self, controller: Controller) -> None:
+    def _instrument_class(self, controller: Controller) -> None:
         owner, name = self.run_target()
         mod = __import__(owner.__module__, fromlist=["_"])
-        patches = []
-        for cls in self._solver_classes():
-            if cls is owner or "solve_iter" in vars(cls):
-                patches.append(AttributePatch(cls, "solve_iter", self.run_wrapper(controller), self.recipe.name))
+        solve_owners = [cls for cls in self._solver_classes() if cls is owner or "solve_iter" in vars(cls)]
         step_owners = [mod.Euler] if hasattr(mod, "Euler") else []
         if self.fast and hasattr(mod, "Euler_end_slat"):
             step_owners.append(mod.Euler_end_slat)
+        for cls in solve_owners:
+            wrap_method(controller, cls, "solve_iter", self.run_wrapper(controller))
         for cls in step_owners:
-            patches.append(AttributePatch(cls, "step", self.step_wrapper(), self.recipe.name))
-        for p in patches:
-            if p.apply():
-                controller.patches.append(p)
+            wrap_method(controller, cls, "step", self.step_wrapper())
 
     @staticmethod
     def solvers_of(obj: Any) -> List[Any]:
@@ -244,21 +251,18 @@ class SAM3DAdapter(Adapter):
             return False
         return any(isinstance(s, owner) for s in self.solvers_of(obj))
 
-    def install_object(self, obj: Any, controller: Controller) -> None:
+    def _instrument_object(self, obj: Any, controller: Controller) -> None:
         solvers = self.solvers_of(obj)
         if not solvers:
             raise RecipeError(f"recipe {self.recipe.name!r}: {type(obj).__name__} is not a SAM 3D solver, "
                               f"generator or inference pipeline")
-        self.register_object(obj, controller)
+        bind(obj, controller)
         owner, name = self.run_target()
-        if self._already_class_patched(owner, name):
+        if is_wrapped(owner, name):
             return
         for s in solvers:
-            self.register_object(s, controller)
-            p = ClassSwapPatch(s, {"solve_iter": self.run_wrapper(None), "step": self.step_wrapper()},
-                               self.recipe.name)
-            if p.apply():
-                controller.patches.append(p)
+            bind(s, controller)
+            swap_class(controller, s, {"solve_iter": self.run_wrapper(None), "step": self.step_wrapper()})
 
 
 class FastSAM3DAdapter(SAM3DAdapter):
@@ -271,8 +275,8 @@ class FastSAM3DAdapter(SAM3DAdapter):
 
 
 def _cached_fn(run: Run, site: str, fn: Callable, mode: str) -> Callable:
-    cache = run.caches[site]
-    gen = run.scratch.get("generator")
+    cache = run.cache(site)
+    gen = run.state(_State).generator
 
     if mode == "swap":
         def swapped(x_t, t, *args, **kwargs):
@@ -285,7 +289,6 @@ def _cached_fn(run: Run, site: str, fn: Callable, mode: str) -> Callable:
         return swapped
 
     def cached(x_t, t, *args, **kwargs):
-        run.scratch["t"] = t
         return cache.step(t, lambda: fn(x_t, t, *args, **kwargs))
     return cached
 
@@ -293,7 +296,7 @@ def _cached_fn(run: Run, site: str, fn: Callable, mode: str) -> Callable:
 def _replace_step(run: Run, site: str, solver: Any, fn: Callable, x_t: Any, t: Any, dt: Any,
                   *args: Any, **kwargs: Any):
     from sam3d_objects.data.utils import tree_tensor_map
-    v = run.caches[site].step(t, lambda: fn(x_t, t, *args, **kwargs))
+    v = run.cache(site).step(t, lambda: fn(x_t, t, *args, **kwargs))
     x = tree_tensor_map(lambda a, b: a + b * dt, x_t, v)
     current = getattr(solver, "current", None)
     if isinstance(current, dict) and "step" in current:
@@ -304,13 +307,13 @@ def _replace_step(run: Run, site: str, solver: Any, fn: Callable, x_t: Any, t: A
 def _cfg_wrapper(module: Any) -> Callable:
     def wrapper(wrapped, _instance, args, kwargs):
         run = current_run()
-        if run is None or run.scratch.get("cfg_module") is not module:
+        if run is None or run.state(_State).cfg_module is not module:
             return wrapped(*args, **kwargs)
         x, t, is_cond, strength, *cond_args = args
         if is_cond:
             return wrapped(*args, **kwargs)
-        acfg: AdaptiveCFG = run.scratch["acfg"]
-        cache = run.caches[run.scratch["site"]]
+        acfg = run.state(_State).acfg
+        cache = run.cache(run.site)
         acfg.step_index = cache.step_index        # positions in the sampler's own step index
 
         def uncond():

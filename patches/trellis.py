@@ -39,10 +39,11 @@ from __future__ import annotations
 import contextvars
 import inspect
 import weakref
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from hicache3d.patching import (AttributePatch, ClassSwapPatch, Controller, Run, _instance_controllers,
-                                current_run, run_wrapper)
+from hicache3d.patching import (AdapterState, Controller, Run, bind, current_run, is_wrapped, run_wrapper,
+                                swap_class, wrap_method)
 from hicache3d.recipe import RecipeError
 
 from .base import Adapter, resolve
@@ -53,8 +54,12 @@ _DEFAULT_SAMPLERS = {
     "trellis2": {"sparse_structure_sampler": "sparse_structure", "shape_slat_sampler": "shape_slat",
                  "tex_slat_sampler": "tex_slat"},
 }
-_SITE_KEY = "trellis_site"          # run.scratch: the decided site
-_PINNED_KEY = "trellis_pinned"      # run.scratch: the site pinned by a pipeline attribute
+
+
+@dataclass
+class _State(AdapterState):
+    pinned: Optional[str] = None    # the site pinned by a pipeline attribute (rule 1)
+
 
 # sampler object -> site, for samplers reached through a pipeline attribute (rule 1)
 _pinned_sites: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
@@ -108,28 +113,23 @@ class _Pin:
         if self.site is None and self.controller is None:
             return False
         self._had = _pinned_sites.get(self.sampler)
-        self._had_ctl = _instance_controllers.get(self.sampler)
         if self.site is not None:
             _pinned_sites[self.sampler] = self.site
         if self.controller is not None:
-            _instance_controllers[self.sampler] = self.controller
+            self._had_ctl = bind(self.sampler, self.controller)
         self.applied = True
         return True
-
-    @staticmethod
-    def _restore(table: Any, key: Any, value: Any) -> None:
-        if value is None:
-            table.pop(key, None)
-        else:
-            table[key] = value
 
     def remove(self) -> None:
         if not self.applied:
             return
         if self.site is not None:
-            self._restore(_pinned_sites, self.sampler, self._had)
+            if self._had is None:
+                _pinned_sites.pop(self.sampler, None)
+            else:
+                _pinned_sites[self.sampler] = self._had
         if self.controller is not None:
-            self._restore(_instance_controllers, self.sampler, self._had_ctl)
+            bind(self.sampler, self._had_ctl)
         self.applied = False
 
 
@@ -139,7 +139,7 @@ def _on_open(run: Run) -> None:
     except TypeError:
         pinned = None
     if pinned is not None:
-        run.scratch[_PINNED_KEY] = pinned
+        run.state(_State).pinned = pinned
     steps = _opening_steps.get()
     if steps is not None:
         for cache in run.caches.values():
@@ -170,16 +170,12 @@ def prediction_wrapper(family: str):
         run = current_run(instance=instance)
         if run is None:
             return wrapped(*args, **kwargs)
-        site = run.scratch.get(_SITE_KEY)
-        if site is None:
+        if run.site is None:            # the first step decides the run's site
             b = _bind(wrapped, args, kwargs)
             x_t = b.arguments.get("x_t") if b is not None else (args[1] if len(args) > 1 else None)
             extra = dict(b.arguments.get("kwargs", {})) if b is not None else dict(kwargs)
-            site = run.scratch.get(_PINNED_KEY) or site_by_call(family, x_t, extra)
-            run.scratch[_SITE_KEY] = site
-            # keep only the site this run uses in its record
-            run.caches = {k: v for k, v in run.caches.items() if k == site}
-        cache = run.caches.get(site)
+            run.use_site(run.state(_State).pinned or site_by_call(family, x_t, extra))  # only it is recorded
+        cache = run.cache(run.site)
         if cache is None:
             return wrapped(*args, **kwargs)
         x_t = kwargs["x_t"] if "x_t" in kwargs else args[1]
@@ -245,17 +241,13 @@ class TrellisAdapter(Adapter):
         return bool(self._samplers_of(obj))
 
     # ---------------------------------------------------------------- install
-    def install_class(self, controller: Controller) -> None:
+    def _instrument_class(self, controller: Controller) -> None:
         base = self._base()
         self._check_family(base)
-        patches = [AttributePatch(base, "sample", sample_wrapper(controller), self.recipe.name),
-                   AttributePatch(base, "_get_model_prediction", prediction_wrapper(self.family),
-                                  self.recipe.name)]
-        for p in patches:
-            if p.apply():
-                controller.patches.append(p)
+        wrap_method(controller, base, "sample", sample_wrapper(controller))
+        wrap_method(controller, base, "_get_model_prediction", prediction_wrapper(self.family))
 
-    def install_object(self, obj: Any, controller: Controller) -> None:
+    def _instrument_object(self, obj: Any, controller: Controller) -> None:
         base = self._base()
         self._check_family(base)
         samplers = self._samplers_of(obj)
@@ -263,21 +255,16 @@ class TrellisAdapter(Adapter):
             raise RecipeError(f"recipe {self.recipe.name!r}: {type(obj).__name__} is neither a "
                               f"FlowEulerSampler nor a pipeline with one of the attributes "
                               f"{', '.join(self.samplers)}")
-        self.register_object(obj, controller)
+        bind(obj, controller)
         # under an in-place class patch the class-level wrappers serve these objects: they
         # only need our controller registered (and their site pinned)
-        class_patched = self._already_class_patched(base, "sample")
+        class_patched = is_wrapped(base, "sample")
         sites = {s.name for s in self.recipe.sites}
         for site, sampler in samplers.items():
             if site is not None and site not in sites:
                 continue
-            pin = _Pin(sampler, site, controller if class_patched and sampler is not obj else None)
-            if pin.apply():
-                controller.patches.append(pin)
+            controller.add_patch(_Pin(sampler, site, controller if class_patched and sampler is not obj else None))
             if class_patched:
                 continue
-            wrappers = {"sample": sample_wrapper(controller),
-                        "_get_model_prediction": prediction_wrapper(self.family)}
-            p = ClassSwapPatch(sampler, wrappers, self.recipe.name)
-            if p.apply():
-                controller.patches.append(p)
+            swap_class(controller, sampler, {"sample": sample_wrapper(controller),
+                                             "_get_model_prediction": prediction_wrapper(self.family)})

@@ -262,7 +262,7 @@ def v1():
 
     @check
     def class_patch_sites_by_latent():
-        from hicache3d.inplace import inplace_controllers, install_entry
+        from hicache3d.inplace import install_entry, uninstall_entry
         ctl = install_entry("trellis", {"recipe": "trellis", "module": recipe.module})
         try:
             s = E.make_sampler("interval")
@@ -279,8 +279,7 @@ def v1():
             assert c.n == sum(forwards("interval", "sparse_structure"))
             assert [list(r.sites) for r in run.runs] == [["slat"]] and len(ctl.records) == 2
         finally:
-            ctl.remove_patches()
-            inplace_controllers.pop("trellis", None)
+            uninstall_entry("trellis")
         assert not hasattr(S.FlowEulerSampler.sample, "_hicache3d_wrapper")
 
     @check
@@ -402,7 +401,7 @@ def v2():
 
     @check
     def class_patch_sites_by_call():
-        from hicache3d.inplace import inplace_controllers, install_entry
+        from hicache3d.inplace import install_entry, uninstall_entry
         ctl = install_entry("trellis2", {"recipe": "trellis2", "module": recipe.module})
         try:
             for site, (model, fn, _) in stages.items():
@@ -411,8 +410,7 @@ def v2():
                 assert c.n == planned_calls(forwards(site), recipe.site(site).config), (site, c.n)
             assert [list(r.sites) for r in ctl.records] == [["sparse_structure"], ["shape_slat"], ["tex_slat"]]
         finally:
-            ctl.remove_patches()
-            inplace_controllers.pop("trellis2", None)
+            uninstall_entry("trellis2")
 
     @check
     def other_family_is_refused():

@@ -91,7 +91,7 @@ EPILOGUE = '''
 n, s = go()
 print("CALLS", n, "SUM", s)
 inplace = sys.modules.get("hicache3d.inplace")
-ctls = inplace.inplace_controllers if inplace else {}
+ctls = inplace.installed() if inplace else {}
 print("PATCHED", sorted(ctls))
 if ctls:
     for ctl in ctls.values():

@@ -169,14 +169,13 @@ def _mesh_arrays(path):
 def inplace_bundled():
     """The bundled sampler patched in place (class level), exactly as the start-up hook
     of `hicache3d patch --model bundled` does it; removed afterwards."""
-    from hicache3d.inplace import inplace_controllers, install_entry
+    from hicache3d.inplace import install_entry, uninstall_entry
     ctl = install_entry("bundled", {"recipe": "bundled", "module": "hicache3d.bundled.sampler",
                                     "settings": {"interval": 3}, "sites": {}})
     try:
         yield ctl
     finally:
-        ctl.remove_patches()
-        inplace_controllers.pop("bundled", None)
+        uninstall_entry("bundled")
 
 
 def _reference_mesh(png, steps, tmp_path):
@@ -194,7 +193,7 @@ def _reference_mesh(png, steps, tmp_path):
 def test_no_cache_and_compare_are_uncached_under_an_in_place_patch(png, tmp_path):
     steps = 12
     ref_v, ref_f = _reference_mesh(png, steps, tmp_path)
-    from hicache3d.inplace import inplace_controllers, install_entry
+    from hicache3d.inplace import install_entry, uninstall_entry
     ctl = install_entry("bundled", {"recipe": "bundled", "module": "hicache3d.bundled.sampler",
                                     "settings": {"interval": 3}, "sites": {}})
     try:
@@ -215,8 +214,7 @@ def test_no_cache_and_compare_are_uncached_under_an_in_place_patch(png, tmp_path
         assert r.exit_code == 0, r.output
         assert f"uncached" in r.output and f"{expected_forwards(steps)} network calls: speed-up" in r.output
     finally:
-        ctl.remove_patches()
-        inplace_controllers.pop("bundled", None)
+        uninstall_entry("bundled")
 
 
 def test_call_counts_come_from_the_network(png, inplace_bundled):
