@@ -110,6 +110,7 @@ class CacheConfig:
     tolerance: float = 0.1
     max_skip: int = 8
     min_skip: int = 0
+    compute_cost: Tuple[Tuple[float, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("candidates", "candidate_damping"):
@@ -137,6 +138,12 @@ class CacheConfig:
                self.min_skip)
         _check(self.max_skip >= self.min_skip, "max_skip", f"an integer >= min_skip ({self.min_skip})",
                self.max_skip)
+        cc = self.compute_cost
+        ok = isinstance(cc, (list, tuple)) and all(
+            isinstance(iv, (list, tuple)) and len(iv) == 3 and all(_is_num(x) for x in iv)
+            and iv[0] <= iv[1] and iv[2] > 0 for iv in cc)
+        _check(ok, "compute_cost", "a list of [lo, hi, cost] (lo <= hi, cost > 0)", cc)
+        object.__setattr__(self, "compute_cost", tuple(tuple(float(x) for x in iv) for iv in cc))
         validate_forecast_options(**self.forecast_options(), backend=self.backend,
                                   history=self.history)
 

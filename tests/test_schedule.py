@@ -377,3 +377,58 @@ def test_accelerate_interval_alone_selects_the_fixed_cadence():
     with hicache3d.accelerate(gen, "bundled", interval=3, schedule="adaptive", tolerance=0.0) as run:
         gen(cond, steps=25)
     assert run.stats["runs"][-1]["sites"]["sparse_structure"]["pattern"] == "C" * 25
+
+
+def test_compute_cost_gives_dear_steps_longer_windows():
+    """The same error per step everywhere; computes in the first half of sampler time
+    (t >= 0.5) cost twice the others (two-forward guidance there): with ``compute_cost``
+    the windows there are longer than in the cheap half, without it they are not."""
+    ts = np.linspace(1.0, 0.0, 61)
+
+    def run(**kw):
+        cache = adaptive(backend="reuse", tolerance=0.3, first_enhance=3, **kw)
+        for i in range(60):
+            cache.step(float(ts[i]), lambda i=i: torch.tensor([[1.0 + 0.01 * i, 1.0]], dtype=torch.float64))
+        steps_c = [r.step for r in cache.stats.trace if r.computed]
+        w = [(a, b - a - 1) for a, b in zip(steps_c, steps_c[1:]) if a >= 3]
+        dear = np.mean([x for a, x in w if ts[a] >= 0.55])
+        cheap = np.mean([x for a, x in w if ts[a] < 0.45 and a < 55])
+        return dear, cheap, cache
+
+    dear, cheap, plain = run()
+    assert dear == pytest.approx(cheap, abs=1.0), plain.stats.pattern
+    dear, cheap, costed = run(compute_cost=[[0.5, 1.0, 2.0]])
+    assert dear > cheap + 1.0, costed.stats.pattern
+    # the budget follows the cost: twice the budget is (2)^(1/2) longer windows for reuse
+    # (errors grow as j^1, sum ~ j^2 / 2)
+    assert dear / cheap == pytest.approx(2 ** 0.5, rel=0.3), costed.stats.pattern
+
+
+def test_interval_cost_and_the_budget_it_scales():
+    from hicache3d.schedule import IntervalCost
+    cost = IntervalCost([(0.5, 1.0, 2.0), (0.0, 0.1, 0.5)])
+    assert (cost(0.7), cost(0.3), cost(0.05), cost.ref) == (2.0, 1.0, 0.5, 2.0)
+    pol = AdaptivePolicy(1.0, max_skip=8, exponent=1.0, first_enhance=0, cost=cost)
+    pol.c = 0.1
+    # steps of 0.05 from t = 0.56: one dear step (t = 0.51) then cheap ones; the budget of
+    # a window is tolerance x the mean cost of its steps / the dearest cost; by hand
+    pol._plan([0.66, 0.61, 0.56])
+    spent, m = 0.0, 0
+    for j in range(1, 9):
+        costs = [2.0 if 0.56 - 0.05 * k >= 0.5 else 1.0 for k in range(1, j + 1)]
+        spent += 0.1 * j
+        if spent > 1.0 * np.mean(costs) / 2.0:
+            break
+        m = j
+    assert pol.window == m == 3
+    plain = AdaptivePolicy(1.0, max_skip=8, exponent=1.0, first_enhance=0)
+    plain.c = 0.1
+    plain._plan([0.66, 0.61, 0.56])
+    assert plain.window == 4
+
+
+@pytest.mark.parametrize("value", [[[0.5, 1.0]], [[1.0, 0.5, 2.0]], [[0.5, 1.0, 0.0]], [[0, 1, float("nan")]],
+                                   "cfg"])
+def test_compute_cost_is_validated(value):
+    with pytest.raises(ValueError, match="compute_cost"):
+        CacheConfig(compute_cost=value)
