@@ -91,8 +91,9 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
             settings += [dict(schedule="adaptive", tolerance=float(tol), **dict(adaptive_options or {}))
                          for tol in (adaptive or {}).get(b, [])]
             for st in settings:
-                with hicache3d.accelerate(gen, "bundled", backend=b, first_enhance=first_enhance,
-                                          **st) as run:
+                kw = dict(backend=b, first_enhance=first_enhance)
+                kw.update(st)                # adaptive_options may set their own warm-up
+                with hicache3d.accelerate(gen, "bundled", **kw) as run:
                     t0 = time.perf_counter()
                     out = gen(cond, steps=S, seed=seed)
                     dt = time.perf_counter() - t0
@@ -105,6 +106,8 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
                        "per_basis": site["per_basis"], "fallbacks": site["fallbacks"],
                        "pattern": run.stats["runs"][-1]["sites"]["sparse_structure"].get("pattern"),
                        **_summ(sc)}
+                if st.get("schedule") == "adaptive" and adaptive_options:
+                    row["options"] = dict(adaptive_options)
                 rows.append(row)
                 say(f"steps {S} {b:8s} {_setting(row):16s}: IoU {row['iou_mean']:.3f} (min {row['iou_min']:.3f}), "
                     f"F {row['fscore_mean']:.3f}, latent {row['latent_rel_l2_mean']:.3f}, "
@@ -179,6 +182,8 @@ def write_reports(res: Dict[str, Any], out: Path, stem: str = "fidelity") -> Lis
                    f"(IoU {c['iou_mean_now']:.4f} now, {c['iou_mean_stored']:.4f} stored)"
                    for c in res["fixed_rows_check"]) + ".", ""]
     md += _frontier_md(res)
+    for note in res.get("notes", []):
+        md += [note, ""]
     for S, base in sorted(res["baselines"].items(), key=lambda kv: int(kv[0])):
         line = f"**{S} steps** — uncached: {base['network_forwards']} forwards, {base['seconds']:.1f} s"
         if "vs_truth_iou_mean" in base:

@@ -77,7 +77,10 @@ class CacheConfig:
     the sum of their predicted errors, each weighted by the step's share of the sample
     (``dt``), within ``tolerance`` (a relative velocity error; 0 computes every step);
     at least ``min_skip`` and at most ``max_skip`` steps in a row are forecast.
-    ``interval`` is not used by the adaptive schedule.
+    ``interval`` is not used by the adaptive schedule.  ``compute_cost``: intervals
+    ``[lo, hi, cost]`` of sampler time where a compute costs ``cost`` times the others
+    (e.g. ``[[0.5, 1.0, 2.0]]`` where two-forward guidance applies); the adaptive schedule
+    then gives a window a budget in proportion to the cost of the computes it replaces.
 
     Forecast: ``backend`` is the basis (``reuse`` | ``taylor`` | ``hermite`` | ``dmd`` |
     ``auto``), fitted on the newest ``history`` computed velocities.  ``horizon`` measures

@@ -21,7 +21,13 @@ Every decision of a cached site goes through one policy (``VelocityCache.step`` 
 
         sum_{j=1..m} (dt_j / dt_ref) * c * j^p  <=  tolerance,   min_skip <= m <= max_skip
 
-    A budget per window, not a cap per step.  An error that jumps (observed more than twice
+    A budget per window, not a cap per step.  With ``compute_cost`` (``[lo, hi, cost]``
+    intervals of sampler time, e.g. where classifier-free guidance runs two forwards) the
+    budget of a window is ``tolerance`` times the mean cost of the computes it replaces
+    relative to the dearest one (:class:`IntervalCost`): the cost-optimal trade of forwards
+    against error for this error model (the Lagrangian of "fewest forwards for a total
+    error" makes a window's budget proportional to what its steps cost).  ``dt_power``
+    (policy option, 1 by default) raises the ``dt`` weights to a power.  An error that jumps (observed more than twice
     the prediction) shrinks the next window at once, since ``c`` is re-estimated on every
     computed step; ``c`` only relaxes gradually (geometric mean with the previous one).
     ``tolerance = 0`` computes every step.  ``interval`` does not apply.

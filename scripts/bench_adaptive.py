@@ -23,9 +23,10 @@ sys.path.insert(0, str(ROOT))
 import hicache3d  # noqa: E402
 import hicache3d.cache as cache_mod  # noqa: E402
 from hicache3d import schedule as sched  # noqa: E402
-from hicache3d.bench import _atomic_write, _scores, _summ, frontier_table  # noqa: E402
+from hicache3d.bench import _atomic_write, _scores, _summ, frontier_table, pareto, ratio_at  # noqa: E402
 
 TOLERANCES = [0.25, 0.5, 1.0, 2.0, 4.0]
+LEVELS = (0.975, 0.98, 0.985, 0.99)
 
 # name -> (what it changes, CacheConfig settings, AdaptivePolicy keyword overrides)
 VARIANTS = {
@@ -54,6 +55,12 @@ VARIANTS = {
     "cost+dt1.5": ("cost, and (dt / dt_ref)^1.5", {"compute_cost": ((0.5, 1.0, 2.0),)},
                    {"dt_power": 1.5}),
     "cost+skip12": ("cost, max_skip 12", {"compute_cost": ((0.5, 1.0, 2.0),), "max_skip": 12}, {}),
+    "fe2": ("warm-up of 2 computed steps instead of 3", {"first_enhance": 2}, {}),
+    "cost+fe2": ("cost, warm-up of 2", {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}, {}),
+    "fixed-fe3": ("control: hermite fixed interval (the tolerances are intervals), warm-up of 3",
+                  {"schedule": "fixed"}, {}),
+    "fixed-fe2": ("control: hermite fixed interval (the tolerances are intervals), warm-up of 2",
+                  {"schedule": "fixed", "first_enhance": 2}, {}),
 }
 
 
@@ -81,10 +88,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="variants")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--merge", default="", help="comma list of adaptive_<name>.json to merge into --name "
+                    "(then only the report is written)")
     a = ap.parse_args()
     if a.list:
         for k, (doc, _, _) in VARIANTS.items():
             print(f"{k:10s} {doc}")
+        return
+    out_json = ROOT / "benchmarks" / f"adaptive_{a.name}.json"
+    if a.merge:
+        res = {"shapes": None, "variants": {}}
+        for m in a.merge.split(","):
+            r = json.loads((ROOT / "benchmarks" / f"adaptive_{m}.json").read_text())
+            res["shapes"] = r["shapes"]
+            res["variants"].update(r["variants"])
+        _atomic_write(out_json, json.dumps(res, indent=1, default=float) + "\n")
+        _write_md(res, out_json.with_suffix(".md"))
         return
     torch.set_num_threads(a.threads)
     names = a.variants.split(",")
@@ -103,7 +122,6 @@ def main() -> None:
     gen = BundledGenerator.from_pretrained()
     cond, _, _ = _conditions(None, a.shapes)
     refs = {S: gen(cond, steps=S, seed=0) for S in steps}
-    out_json = ROOT / "benchmarks" / f"adaptive_{a.name}.json"
     res = json.loads(out_json.read_text()) if out_json.exists() else {"shapes": a.shapes, "variants": {}}
     for name in names:
         doc, settings, overrides = VARIANTS[name]
@@ -113,13 +131,17 @@ def main() -> None:
             ref = refs[S]
             for tol in tols:
                 st = dict(backend="hermite", first_enhance=3, schedule="adaptive", tolerance=tol)
+                if settings.get("schedule") == "fixed":       # a fixed-cadence control: tol = interval
+                    st = dict(backend="hermite", first_enhance=3, interval=int(tol))
                 st.update(settings)
                 with hicache3d.accelerate(gen, "bundled", **st) as run:
                     t0 = time.perf_counter()
                     out = gen(cond, steps=S, seed=0)
                     dt = time.perf_counter() - t0
                 sc = _scores(out.occupancy, ref.occupancy, out.latent, ref.latent)
-                row = {"steps": S, "backend": st["backend"], "schedule": "adaptive", "tolerance": tol,
+                row = {"steps": S, "backend": st["backend"], "schedule": st.get("schedule", "fixed"),
+                       "tolerance": tol if st.get("schedule") == "adaptive" else None,
+                       "interval": st.get("interval"),
                        "seconds": dt, "network_forwards": out.network_forwards,
                        "forward_ratio": ref.network_forwards / max(out.network_forwards, 1),
                        "pattern": run.stats["runs"][-1]["sites"]["sparse_structure"].get("pattern"),
@@ -145,7 +167,10 @@ def _write_md(res, path):
              "Gain = forward ratio of the variant's adaptive frontier / best fixed-interval frontier "
              "of any basis − 1, at matched mean IoU (0.97–0.99, where both reach it); min IoU = "
              "the lowest per-sample minimum on the variant's frontier inside that range, against "
-             "the fixed frontier's at the same levels.", "",
+             "the fixed frontier's at the same levels.  The fixed frontier is that of the stored "
+             "rows of benchmarks/fidelity.json (32 shapes): on a run with fewer shapes this first table "
+             "is indicative only; the tables against a control measured on the same shapes are the "
+             "comparison.", "",
              "| variant | what | gain 25 steps | gain 50 steps | gain 12 steps | adaptive min IoU (25/50) | fixed min IoU (25/50) |",
              "|---|---|---|---|---|---|---|"]
     fmt = lambda g: "–" if g is None else f"{100 * g[0]:+.0f}..{100 * g[1]:+.0f}%"  # noqa: E731
@@ -160,6 +185,23 @@ def _write_md(res, path):
         lines.append(f"| {name} | {v['doc']} | {fmt(_gains(t, 25))} | {fmt(_gains(t, 50))} | "
                      f"{fmt(_gains(t, 12))} | {f3(mins[0][0])} / {f3(mins[1][0])} | "
                      f"{f3(mins[0][1])} / {f3(mins[1][1])} |")
+    for control in [n for n in res["variants"] if n.startswith("fixed-")]:
+        lines += ["", f"Against the control `{control}` measured on the same shapes "
+                  f"({res['variants'][control]['doc']}): forward-ratio gain of each frontier at "
+                  "matched mean IoU / per-sample minimum IoU on the variant's frontier there "
+                  "(– where a frontier does not reach that IoU).", "",
+                  "| variant | " + " | ".join(f"{S} steps @ {lv}" for S in (25, 50) for lv in LEVELS) + " |",
+                  "|---|" + "---|" * (2 * len(LEVELS))]
+        for name, v in res["variants"].items():
+            cells = []
+            for S in (25, 50):
+                b = pareto([r for r in res["variants"][control]["rows"] if r["steps"] == S])
+                f = pareto([r for r in v["rows"] if r["steps"] == S])
+                for lv in LEVELS:
+                    x, y = ratio_at(f, lv), ratio_at(b, lv)
+                    cells.append("–" if x is None or y is None else
+                                 f"{100 * (x / y - 1):+.0f}% / {ratio_at(f, lv, 'iou_min'):.3f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Per level:", ""]
     for name, v in res["variants"].items():
         lines.append(f"**{name}**: " + "; ".join(

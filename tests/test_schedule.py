@@ -338,7 +338,9 @@ def test_cli_schedule_flags(tmp_path):
     assert r.exit_code != 0 and "tolerance" in r.output
     r = CliRunner().invoke(main, ["generate", "--image", str(png), "--out", str(out), "--steps", "60",
                                   "--interval", "1000"])
-    assert r.exit_code == 0 and "warning: sparse_structure ran the network on only 3 of 60" in r.output
+    from hicache3d.recipe import get_recipe
+    warm = get_recipe("bundled").site("sparse_structure").config.first_enhance   # the warm-up only
+    assert r.exit_code == 0 and f"warning: sparse_structure ran the network on only {warm} of 60" in r.output
     r = CliRunner().invoke(main, ["patch", "--help"])
     assert "--schedule" in r.output and "--tolerance" in r.output
     r = CliRunner().invoke(main, ["patch", "--model", "bundled", "--schedule", "sometimes"])
@@ -432,3 +434,30 @@ def test_interval_cost_and_the_budget_it_scales():
 def test_compute_cost_is_validated(value):
     with pytest.raises(ValueError, match="compute_cost"):
         CacheConfig(compute_cost=value)
+
+
+def test_bundled_recipe_compute_cost_matches_its_sampler():
+    """The bundled recipe's ``compute_cost`` says what its sampler does: two network
+    forwards per step where guidance applies, one elsewhere (counted here per step)."""
+    from hicache3d.bundled.generator import DEFAULT_SAMPLING
+    from hicache3d.bundled.sampler import OccupancyFlowSampler
+    from hicache3d.recipe import get_recipe
+    from hicache3d.schedule import IntervalCost
+    c = get_recipe("bundled").site("sparse_structure").config
+    cost = IntervalCost(c.compute_cost)
+    s = OccupancyFlowSampler()
+    x = torch.zeros(1, 2)
+    for t in s.timesteps(25, DEFAULT_SAMPLING["rescale_t"])[:-1]:
+        n0 = s.network_forwards
+        s.velocity(lambda x, t, c: x, x, t, x, x, DEFAULT_SAMPLING["cfg_strength"],
+                   DEFAULT_SAMPLING["cfg_interval"])
+        assert cost(t) == s.network_forwards - n0, t
+    assert isinstance(make_policy(c).cost, IntervalCost)
+
+
+def test_dt_power_raises_the_step_weights():
+    times = [1.0, 0.9, 0.75]              # dt 0.1 then 0.15: growth clipped to 1.25
+    a, b = AdaptivePolicy(1.0), AdaptivePolicy(1.0, dt_power=2.0)
+    wa, wb = a._weights(times, 4), b._weights(times, 4)
+    want = 0.15 / 0.125 * 1.25 ** np.arange(1, 5)
+    assert np.allclose(wa, want) and np.allclose(wb, want ** 2)
