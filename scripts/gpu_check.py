@@ -318,7 +318,9 @@ def _print(rows: List[Dict[str, Any]]) -> None:
             print(f"{flag} generator {r['basis']:8s} {r['setting']:18s} {r['forward_ratio']:.2f}x fewer forwards, "
                   f"{r['speedup']:.2f}x faster (efficiency {r['efficiency']:.2f}"
                   f"{'' if r['meets_efficiency'] else ', below target'}), IoU {r['iou_mean']:.3f} "
-                  f"(min {r['iou_min']:.3f})" + (f"  {'; '.join(r['sync_errors'][:2])}" if r["sync_errors"] else ""))
+                  f"(min {r['iou_min']:.3f})" + (f"  {'; '.join(r['sync_errors'][:2])}" if r["sync_errors"] else "")
+                  + ("  (per-step sync check skipped: the uncached network path synchronises by itself)"
+                     if r.get("network_syncs_by_itself") else ""))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
