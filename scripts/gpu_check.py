@@ -240,7 +240,7 @@ def sync_checked_steps(device: torch.device, log: List[str]):
 
 
 def check_generator(device: torch.device, shapes_n: int, steps: int, interval: int,
-                    tolerance: float, efficiency: float) -> List[Dict[str, Any]]:
+                    tolerance: float, efficiency: float, bases=BASES) -> List[Dict[str, Any]]:
     import hicache3d
     from hicache3d.bench import _conditions, _scores
     from hicache3d.bundled.generator import BundledGenerator
@@ -266,8 +266,8 @@ def check_generator(device: torch.device, shapes_n: int, steps: int, interval: i
         except RuntimeError:
             net_syncs = True
     ref, _ = timed(lambda: gen(cond, steps=steps))
-    settings = [(b, dict(schedule="fixed", interval=interval)) for b in BASES]
-    settings += [(b, dict(schedule="adaptive", tolerance=tolerance)) for b in BASES]
+    settings = [(b, dict(schedule="fixed", interval=interval)) for b in bases]
+    settings += [(b, dict(schedule="adaptive", tolerance=tolerance)) for b in bases]
     out = []
     for b, st in settings:
         row: Dict[str, Any] = {"part": "generator", "basis": b, "steps": steps, "shapes": shapes_n,
@@ -336,12 +336,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--strict", action="store_true", help="also fail when a speed-up misses --efficiency")
     ap.add_argument("--sync-steps", type=int, default=30, help="steps of each synthetic sync-check run (default 30)")
     ap.add_argument("--parts", default="core,sync,generator", help="comma list of core, sync, generator")
+    ap.add_argument("--generator-bases", default=",".join(BASES),
+                    help="bases of the generator rows (default: all)")
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
     a = ap.parse_args(argv)
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in ("core", "sync", "generator")]
     if bad:
         ap.error(f"unknown part(s) {', '.join(bad)}; choose from core, sync, generator")
+    gbases = [b.strip() for b in a.generator_bases.split(",") if b.strip()]
+    if not gbases or any(b not in BASES for b in gbases):
+        ap.error(f"--generator-bases must be drawn from {', '.join(BASES)}, got {a.generator_bases!r}")
     for name in ("dim", "shapes", "steps", "interval", "sync_steps"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -373,7 +378,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows += r
         _print(r)
     if "generator" in parts:
-        r = check_generator(device, a.shapes, a.steps, a.interval, a.tolerance, a.efficiency)
+        r = check_generator(device, a.shapes, a.steps, a.interval, a.tolerance, a.efficiency, gbases)
         rows += r
         _print(r)
     failed = [r for r in rows if not r.get("ok")]

@@ -26,7 +26,8 @@ def test_without_cuda_it_exits_2_with_a_clear_message(gc, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [(["--parts", "core,bogus"], "bogus"), (["--dim", "0"], "--dim"),
-                                      (["--device", "tpu"], "device")])
+                                      (["--device", "tpu"], "device"),
+                                      (["--generator-bases", "magic"], "generator-bases")])
 def test_bad_arguments_are_usage_errors(gc, argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
         gc.main(argv + ["--device", "cpu"] if "--device" not in argv else argv)
@@ -51,7 +52,7 @@ def test_comparison_logic(gc):
 def test_dry_run_on_cpu(gc, tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = gc.main(["--device", "cpu", "--dim", "256", "--sync-steps", "14", "--shapes", "1", "--steps", "4",
-                  "--parts", "core,sync,generator", "--out", str(out)])
+                  "--parts", "core,sync,generator", "--generator-bases", "reuse,hermite", "--out", str(out)])
     text = capsys.readouterr().out
     res = json.loads(out.read_text())
     assert rc == 0 and res["passed"], text
@@ -63,5 +64,7 @@ def test_dry_run_on_cpu(gc, tmp_path, capsys):
     sync = [r for r in rows if r["part"] == "sync"]
     assert len(sync) == len(gc.BASES) * 2 * 2 and all(r["forecast"] > 0 for r in sync)
     gen = [r for r in rows if r["part"] == "generator"]
-    assert {r["basis"] for r in gen} == set(gc.BASES) and all(r["forward_ratio"] > 1 for r in gen)
+    assert [(r["basis"], r["setting"]) for r in gen] == [
+        ("reuse", "interval 4"), ("hermite", "interval 4"), ("reuse", "adaptive tol 2"), ("hermite", "adaptive tol 2")]
+    assert all(r["forward_ratio"] > 1 and r["speedup"] > 0 for r in gen)
     assert "checks passed" in text
