@@ -87,7 +87,9 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
             settings += [dict(schedule="adaptive", tolerance=float(tol), **dict(adaptive_options or {}))
                          for tol in (adaptive or {}).get(b, [])]
             for st in settings:
-                recipe = pipe.recipe.with_settings(dict(backend=b, first_enhance=first_enhance, **st))
+                kw = dict(backend=b, first_enhance=first_enhance)
+                kw.update(st)                # adaptive_options may set their own warm-up
+                recipe = pipe.recipe.with_settings(kw)
                 out = pipe.run(cond, steps=S, seed=seed, recipe=recipe)
                 site = out.stats["sites"]["sparse_structure"]
                 sc = _scores(pipe, out, ref, tau)
@@ -98,6 +100,8 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
                        "per_basis": site["per_basis"], "fallbacks": site["fallbacks"],
                        "pattern": out.stats["runs"][-1]["sites"]["sparse_structure"].get("pattern"),
                        **_summ(sc)}
+                if st.get("schedule") == "adaptive" and adaptive_options:
+                    row["options"] = dict(adaptive_options)
                 rows.append(row)
                 say(f"steps {S} {b:8s} {_setting(row):16s}: IoU {row['iou_mean']:.3f} (min {row['iou_min']:.3f}), "
                     f"F {row['fscore_mean']:.3f}, latent {row['latent_rel_l2_mean']:.3f}, "
@@ -172,6 +176,8 @@ def write_reports(res: Dict[str, Any], out: Path, stem: str = "fidelity") -> Lis
                    f"(IoU {c['iou_mean_now']:.4f} now, {c['iou_mean_stored']:.4f} stored)"
                    for c in res["fixed_rows_check"]) + ".", ""]
     md += _frontier_md(res)
+    for note in res.get("notes", []):
+        md += [note, ""]
     for S, base in sorted(res["baselines"].items(), key=lambda kv: int(kv[0])):
         line = f"**{S} steps** — uncached: {base['network_forwards']} forwards, {base['seconds']:.1f} s"
         if "vs_truth_iou_mean" in base:

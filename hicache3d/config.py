@@ -77,7 +77,10 @@ class CacheConfig:
     the sum of their predicted errors, each weighted by the step's share of the sample
     (``dt``), within ``tolerance`` (a relative velocity error; 0 computes every step);
     at least ``min_skip`` and at most ``max_skip`` steps in a row are forecast.
-    ``interval`` is not used by the adaptive schedule.
+    ``interval`` is not used by the adaptive schedule.  ``compute_cost``: intervals
+    ``[lo, hi, cost]`` of sampler time where a compute costs ``cost`` times the others
+    (e.g. ``[[0.5, 1.0, 2.0]]`` where two-forward guidance applies); the adaptive schedule
+    then gives a window a budget in proportion to the cost of the computes it replaces.
 
     Forecast: ``backend`` is the basis (``reuse`` | ``taylor`` | ``hermite`` | ``dmd`` |
     ``auto``), fitted on the newest ``history`` computed velocities.  ``horizon`` measures
@@ -110,6 +113,7 @@ class CacheConfig:
     tolerance: float = 0.1
     max_skip: int = 8
     min_skip: int = 0
+    compute_cost: Tuple[Tuple[float, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("candidates", "candidate_damping"):
@@ -137,6 +141,12 @@ class CacheConfig:
                self.min_skip)
         _check(self.max_skip >= self.min_skip, "max_skip", f"an integer >= min_skip ({self.min_skip})",
                self.max_skip)
+        cc = self.compute_cost
+        ok = isinstance(cc, (list, tuple)) and all(
+            isinstance(iv, (list, tuple)) and len(iv) == 3 and all(_is_num(x) for x in iv)
+            and iv[0] <= iv[1] and iv[2] > 0 for iv in cc)
+        _check(ok, "compute_cost", "a list of [lo, hi, cost] (lo <= hi, cost > 0)", cc)
+        object.__setattr__(self, "compute_cost", tuple(tuple(float(x) for x in iv) for iv in cc))
         validate_forecast_options(**self.forecast_options(), backend=self.backend,
                                   history=self.history)
 

@@ -21,7 +21,13 @@ Every decision of a cached site goes through one policy (``VelocityCache.step`` 
 
         sum_{j=1..m} (dt_j / dt_ref) * c * j^p  <=  tolerance,   min_skip <= m <= max_skip
 
-    A budget per window, not a cap per step.  An error that jumps (observed more than twice
+    A budget per window, not a cap per step.  With ``compute_cost`` (``[lo, hi, cost]``
+    intervals of sampler time, e.g. where classifier-free guidance runs two forwards) the
+    budget of a window is ``tolerance`` times the mean cost of the computes it replaces
+    relative to the dearest one (:class:`IntervalCost`): the cost-optimal trade of forwards
+    against error for this error model (the Lagrangian of "fewest forwards for a total
+    error" makes a window's budget proportional to what its steps cost).  ``dt_power``
+    (policy option, 1 by default) raises the ``dt`` weights to a power.  An error that jumps (observed more than twice
     the prediction) shrinks the next window at once, since ``c`` is re-estimated on every
     computed step; ``c`` only relaxes gradually (geometric mean with the previous one).
     ``tolerance = 0`` computes every step.  ``interval`` does not apply.
@@ -32,12 +38,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 __all__ = ["Schedule", "SchedulePolicy", "FixedPolicy", "AdaptivePolicy", "make_policy",
-           "error_exponent"]
+           "error_exponent", "IntervalCost"]
 
 # why a step was computed (trace / summary vocabulary)
 WARMUP, NO_HISTORY, FORCED, CADENCE, LAST, BUDGET, MAX_SKIP, EXACT, JUMP, NO_SIGNAL = (
@@ -148,8 +154,13 @@ class AdaptivePolicy(SchedulePolicy):
 
     def __init__(self, tolerance: float, *, max_skip: int = 8, min_skip: int = 0,
                  first_enhance: int = 3, last_enhance: int = 0, exponent: float = 2.0,
-                 quantile: float = 1.0, relax: float = 0.5, jump: float = 2.0):
+                 quantile: float = 1.0, relax: float = 0.5, jump: float = 2.0,
+                 cost: Optional[Callable[[float], float]] = None, cost_power: float = 1.0,
+                 dt_power: float = 1.0):
         self.tolerance = float(tolerance)
+        self.cost = cost
+        self.cost_power = float(cost_power)
+        self.dt_power = float(dt_power)
         self.max_skip, self.min_skip = int(max_skip), int(min_skip)
         self.first_enhance, self.last_enhance = int(first_enhance), int(last_enhance)
         self.p = float(exponent)
@@ -194,21 +205,28 @@ class AdaptivePolicy(SchedulePolicy):
         return self.c * float(horizon) ** self.p
 
     # ---------------------------------------------------------------- the signal
-    def _weights(self, times: Sequence[float], m: int) -> np.ndarray:
-        """``dt_j / dt_ref`` of the next ``m`` steps (the newest dt, continued with the
-        recent growth of the step size)."""
-        dts = np.abs(np.diff(np.asarray(times, dtype=np.float64)))
+    def _ahead(self, times: Sequence[float], m: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``dt_j / dt_ref`` and the sampler times of the next ``m`` steps (the newest dt,
+        continued with the recent growth of the step size)."""
+        ts = np.asarray(times, dtype=np.float64)
+        d = np.diff(ts)
+        dts = np.abs(d)
         if len(dts) == 0 or not np.all(np.isfinite(dts)):
-            return np.ones(m)
+            return np.ones(m), np.full(m, ts[-1] if len(ts) else 0.0)
         if self.dt_ref is None:
             self.dt_ref = float(np.mean(dts))
-        if not self.dt_ref > 0:
-            return np.ones(m)
         last = dts[-1]
         g = 1.0
         if len(dts) >= 2 and dts[-2] > 0:
             g = float(np.clip(last / dts[-2], 0.8, 1.25))
-        return last / self.dt_ref * g ** np.arange(1, m + 1)
+        grow = g ** np.arange(1, m + 1)
+        future = ts[-1] + d[-1] * np.cumsum(grow)
+        if not self.dt_ref > 0:
+            return np.ones(m), future
+        return (last / self.dt_ref * grow) ** self.dt_power, future
+
+    def _weights(self, times: Sequence[float], m: int) -> np.ndarray:
+        return self._ahead(times, m)[0]
 
     def observe(self, step: int, errors: Optional[np.ndarray], horizon: int,
                 times: Sequence[float]) -> None:
@@ -238,10 +256,17 @@ class AdaptivePolicy(SchedulePolicy):
         if self.tolerance == 0 or self.c is None or not math.isfinite(self.c):
             self.window, self.window_reason = (lo if self.tolerance else 0), BUDGET
             return
-        r = self._weights(times, hi)
+        r, future = self._ahead(times, hi)
         h = np.arange(1, hi + 1, dtype=np.float64)
         spent = np.cumsum(r * self.c * h ** self.p)
-        m = int(np.searchsorted(spent, self.tolerance, side="right"))   # spent[m-1] <= tol
+        allowed = np.full(hi, self.tolerance)
+        if self.cost is not None:
+            # a window may spend in proportion to what it saves: the mean cost of the
+            # computes it replaces, relative to the dearest step
+            cj = np.array([float(self.cost(float(x))) for x in future])
+            allowed = allowed * (np.cumsum(cj) / h / self.cost_ref) ** self.cost_power
+        ok = spent <= allowed
+        m = hi if ok.all() else int(np.argmin(ok))          # the first step over budget
         if m >= hi:
             self.window, self.window_reason = hi, MAX_SKIP
         elif m < lo:
@@ -249,11 +274,32 @@ class AdaptivePolicy(SchedulePolicy):
         else:
             self.window, self.window_reason = m, BUDGET
 
+    @property
+    def cost_ref(self) -> float:
+        return float(getattr(self.cost, "ref", 1.0))
+
+
+class IntervalCost:
+    """Relative cost of computing a step at sampler time ``t``: ``cost`` inside each
+    interval ``lo <= t <= hi`` of ``intervals`` (``[lo, hi, cost]``; e.g. where
+    classifier-free guidance runs two forwards), 1 elsewhere.  ``ref``: the dearest cost."""
+
+    def __init__(self, intervals: Sequence[Sequence[float]]):
+        self.intervals = [tuple(float(x) for x in iv) for iv in intervals]
+        self.ref = max([1.0] + [iv[2] for iv in self.intervals])
+
+    def __call__(self, t: float) -> float:
+        for lo, hi, f in self.intervals:
+            if lo <= t <= hi:
+                return f
+        return 1.0
+
 
 def make_policy(config) -> SchedulePolicy:
     """The policy of a :class:`hicache3d.CacheConfig`."""
     if config.schedule == "adaptive":
         return AdaptivePolicy(config.tolerance, max_skip=config.max_skip, min_skip=config.min_skip,
                               first_enhance=config.first_enhance, last_enhance=config.last_enhance,
-                              exponent=error_exponent(config.backend, config.order))
+                              exponent=error_exponent(config.backend, config.order),
+                              cost=IntervalCost(config.compute_cost) if config.compute_cost else None)
     return FixedPolicy(Schedule(config.interval, config.first_enhance, config.last_enhance))

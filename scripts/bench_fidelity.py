@@ -21,8 +21,12 @@ sys.path.insert(0, str(ROOT))
 from hicache3d.bench import run_sweep, write_reports  # noqa: E402
 
 BASES = ["reuse", "taylor", "hermite", "dmd", "auto"]
-TOLERANCES = [0.25, 0.5, 1.0, 2.0, 4.0]
+TOLERANCES = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 ADAPTIVE_BASES = ["hermite"]
+# settings of the adaptive rows (as in recipes/bundled.toml): a warm-up of 2 computed steps,
+# and the budget of a window scaled by the cost of the computes it replaces (the bundled
+# sampler runs two forwards where CFG applies, 0.5 <= t <= 1)
+ADAPTIVE_OPTIONS = {"first_enhance": 2, "compute_cost": [[0.5, 1.0, 2.0]]}
 
 
 def main() -> None:
@@ -54,7 +58,7 @@ def main() -> None:
         fixed = [r for r in old["rows"] if r.get("schedule", "fixed") == "fixed"]
         check_base = a.adaptive_bases.split(",")[0]
         res = run_sweep(list(adaptive), [4], [12, 25, 50], shapes_n=a.shapes, progress=say,
-                        adaptive=adaptive)
+                        adaptive=adaptive, adaptive_options=ADAPTIVE_OPTIONS)
         checks = []
         for r in [r for r in res["rows"] if r["schedule"] == "fixed"]:
             o = next(o for o in fixed if o["steps"] == r["steps"] and o["backend"] == r["backend"]
@@ -73,7 +77,8 @@ def main() -> None:
     else:
         # reports are rewritten after every block, so an interrupted sweep keeps what it did
         res = run_sweep(BASES, list(range(2, 9)), [12, 25, 50], shapes_n=a.shapes, progress=say,
-                        adaptive=adaptive, checkpoint=lambda r: write_reports(r, a.out, "fidelity"))
+                        adaptive=adaptive, adaptive_options=ADAPTIVE_OPTIONS,
+                        checkpoint=lambda r: write_reports(r, a.out, "fidelity"))
         stem = "fidelity"
     for p in write_reports(res, a.out, stem):
         print("wrote", p)

@@ -338,7 +338,9 @@ def test_cli_schedule_flags(tmp_path):
     assert r.exit_code != 0 and "tolerance" in r.output
     r = CliRunner().invoke(main, ["generate", "--image", str(png), "--out", str(out), "--steps", "60",
                                   "--interval", "1000"])
-    assert r.exit_code == 0 and "warning: sparse_structure ran the network on only 3 of 60" in r.output
+    from hicache3d.recipe import get_recipe
+    warm = get_recipe("bundled").site("sparse_structure").config.first_enhance   # the warm-up only
+    assert r.exit_code == 0 and f"warning: sparse_structure ran the network on only {warm} of 60" in r.output
     r = CliRunner().invoke(main, ["patch", "--help"])
     assert "--schedule" in r.output and "--tolerance" in r.output
     r = CliRunner().invoke(main, ["patch", "--model", "bundled", "--schedule", "sometimes"])
@@ -377,3 +379,85 @@ def test_accelerate_interval_alone_selects_the_fixed_cadence():
     with hicache3d.accelerate(gen, "bundled", interval=3, schedule="adaptive", tolerance=0.0) as run:
         gen(cond, steps=25)
     assert run.stats["runs"][-1]["sites"]["sparse_structure"]["pattern"] == "C" * 25
+
+
+def test_compute_cost_gives_dear_steps_longer_windows():
+    """The same error per step everywhere; computes in the first half of sampler time
+    (t >= 0.5) cost twice the others (two-forward guidance there): with ``compute_cost``
+    the windows there are longer than in the cheap half, without it they are not."""
+    ts = np.linspace(1.0, 0.0, 61)
+
+    def run(**kw):
+        cache = adaptive(backend="reuse", tolerance=0.3, first_enhance=3, **kw)
+        for i in range(60):
+            cache.step(float(ts[i]), lambda i=i: torch.tensor([[1.0 + 0.01 * i, 1.0]], dtype=torch.float64))
+        steps_c = [r.step for r in cache.stats.trace if r.computed]
+        w = [(a, b - a - 1) for a, b in zip(steps_c, steps_c[1:]) if a >= 3]
+        dear = np.mean([x for a, x in w if ts[a] >= 0.55])
+        cheap = np.mean([x for a, x in w if ts[a] < 0.45 and a < 55])
+        return dear, cheap, cache
+
+    dear, cheap, plain = run()
+    assert dear == pytest.approx(cheap, abs=1.0), plain.stats.pattern
+    dear, cheap, costed = run(compute_cost=[[0.5, 1.0, 2.0]])
+    assert dear > cheap + 1.0, costed.stats.pattern
+    # the budget follows the cost: twice the budget is (2)^(1/2) longer windows for reuse
+    # (errors grow as j^1, sum ~ j^2 / 2)
+    assert dear / cheap == pytest.approx(2 ** 0.5, rel=0.3), costed.stats.pattern
+
+
+def test_interval_cost_and_the_budget_it_scales():
+    from hicache3d.schedule import IntervalCost
+    cost = IntervalCost([(0.5, 1.0, 2.0), (0.0, 0.1, 0.5)])
+    assert (cost(0.7), cost(0.3), cost(0.05), cost.ref) == (2.0, 1.0, 0.5, 2.0)
+    pol = AdaptivePolicy(1.0, max_skip=8, exponent=1.0, first_enhance=0, cost=cost)
+    pol.c = 0.1
+    # steps of 0.05 from t = 0.56: one dear step (t = 0.51) then cheap ones; the budget of
+    # a window is tolerance x the mean cost of its steps / the dearest cost; by hand
+    pol._plan([0.66, 0.61, 0.56])
+    spent, m = 0.0, 0
+    for j in range(1, 9):
+        costs = [2.0 if 0.56 - 0.05 * k >= 0.5 else 1.0 for k in range(1, j + 1)]
+        spent += 0.1 * j
+        if spent > 1.0 * np.mean(costs) / 2.0:
+            break
+        m = j
+    assert pol.window == m == 3
+    plain = AdaptivePolicy(1.0, max_skip=8, exponent=1.0, first_enhance=0)
+    plain.c = 0.1
+    plain._plan([0.66, 0.61, 0.56])
+    assert plain.window == 4
+
+
+@pytest.mark.parametrize("value", [[[0.5, 1.0]], [[1.0, 0.5, 2.0]], [[0.5, 1.0, 0.0]], [[0, 1, float("nan")]],
+                                   "cfg"])
+def test_compute_cost_is_validated(value):
+    with pytest.raises(ValueError, match="compute_cost"):
+        CacheConfig(compute_cost=value)
+
+
+def test_bundled_recipe_compute_cost_matches_its_sampler():
+    """The bundled recipe's ``compute_cost`` says what its sampler does: two network
+    forwards per step where guidance applies, one elsewhere (counted here per step)."""
+    from hicache3d.bundled.generator import DEFAULT_SAMPLING
+    from hicache3d.bundled.sampler import OccupancyFlowSampler
+    from hicache3d.recipe import get_recipe
+    from hicache3d.schedule import IntervalCost
+    c = get_recipe("bundled").site("sparse_structure").config
+    cost = IntervalCost(c.compute_cost)
+    s = OccupancyFlowSampler()
+    x = torch.zeros(1, 2)
+    for t in s.timesteps(25, DEFAULT_SAMPLING["rescale_t"])[:-1]:
+        n0 = s.network_forwards
+        s.velocity(lambda x, t, c: x, x, t, x, x, DEFAULT_SAMPLING["cfg_strength"],
+                   DEFAULT_SAMPLING["cfg_interval"])
+        assert cost(t) == s.network_forwards - n0, t
+    assert isinstance(make_policy(c).cost, IntervalCost)
+
+
+def test_dt_power_raises_the_step_weights():
+    times = [1.0, 0.9, 0.75]              # dt 0.1 then 0.15: growth clipped to 1.25
+    a, b = AdaptivePolicy(1.0), AdaptivePolicy(1.0, dt_power=2.0)
+    wa, wb = a._weights(times, 4), b._weights(times, 4)
+    want = 0.15 / 0.125 * 1.25 ** np.arange(1, 5)
+    assert np.allclose(wa, want) and np.allclose(wb, want ** 2)
