@@ -270,6 +270,13 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
             measured_now += 1
             say(f"uncached: {ref.forwards} network forwards, {ref.seconds:.2f} s")
         bar.update(1)
+        reached = [s for s in all_sites if ref.latents.get(s)]
+        unreached = [s for s in sites if not ref.latents.get(s)]
+        if ref.latents and unreached:
+            raise TuneError(f"site(s) {', '.join(unreached)} of {pipeline.model} made no latent in the uncached "
+                            f"run: it stops before reaching them here" + (f" ({no_mesh})" if no_mesh else "") +
+                            f"; tune the sites it reaches with --sites {','.join(reached)} (the uncached run "
+                            f"is kept and reused)")
 
         def measure(kind: str, site: Optional[str], per_site: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
             nonlocal measured_now, resumed, warm

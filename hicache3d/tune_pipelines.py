@@ -303,7 +303,8 @@ class GeneratorPipeline(Pipeline):
             if unavailable:
                 name, why = next(iter(unavailable.items()))
                 self.has_mesh = False
-                self.no_mesh_reason = f"mesh metrics need CUDA: decoder {name} cannot run here ({why})"
+                need = "mesh metrics need CUDA" if not str(self.gen.device).startswith("cuda") else "no mesh metrics"
+                self.no_mesh_reason = f"{need}: decoder {name} cannot run here ({why})"
                 self.timing = "sampler-only"
             return
         self.decoder = getattr(self.gen.pipe, "vae", None)

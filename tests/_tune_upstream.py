@@ -117,6 +117,7 @@ class Sam3dTiny(Pipeline):
 # tests/_upstream_pipelines.py (the real pipelines, their CPU decoder stop):
 #
 #   python -m tests._tune_upstream FAMILY cli TMP       # writes TMP/weights, TMP/images; prints CLI {json}
+#   python -m tests._tune_upstream trellis2 cascade TMP  # a 1024-cascade folder: its unreached site
 #   python -m tests._tune_upstream FAMILY generate TMP  # one plain run of generate's pipeline (the
 #       # in-place patch, if any, accelerates it) and one really uncached; prints FORWARDS n n_ref DRIFT {...}
 
@@ -162,6 +163,30 @@ def cli_main(family: str, tmp: Path) -> None:
     print("CLI " + json.dumps({"exit_code": r.exit_code, "output": r.output, "traceback": tb}))
 
 
+def cascade_main(tmp: Path) -> None:
+    """TRELLIS.2's 1024 cascade on CPU stops at its upsampler, before the texture sampler:
+    the tune of every site, then of the sites it names."""
+    import os
+    import shutil
+
+    from click.testing import CliRunner
+
+    from hicache3d.cli import main as cli
+    from tests import _upstream_pipelines as P
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    activate_family("trellis2")
+    weights = tmp / "weights"
+    P.write_trellis2(weights, pipeline_type="1024_cascade")
+    (tmp / "images").mkdir(parents=True, exist_ok=True)
+    P.rgba_disc(tmp / "images" / "disc.png")
+    base = ["tune", "--model", "trellis2", "--images", str(tmp / "images"), "--weights", str(weights),
+            "--out", str(tmp / "tune"), "--steps", "4", "--backends", "dmd", "--schedules", "fixed",
+            "--intervals", "2"]
+    first = CliRunner().invoke(cli, base)
+    second = CliRunner().invoke(cli, base + ["--sites", "sparse_structure,shape_slat"])
+    print("CLI " + json.dumps([{"exit_code": r.exit_code, "output": r.output} for r in (first, second)]))
+
+
 def generate_main(family: str, tmp: Path) -> None:
     import os
 
@@ -181,6 +206,8 @@ def generate_main(family: str, tmp: Path) -> None:
 
 def main():
     torch.set_num_threads(1)
+    if sys.argv[2] == "cascade":
+        return cascade_main(Path(sys.argv[3]))
     if sys.argv[2] in ("cli", "generate"):
         return (cli_main if sys.argv[2] == "cli" else generate_main)(sys.argv[1], Path(sys.argv[3]))
     family, mode, images, out = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])

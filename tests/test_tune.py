@@ -533,3 +533,19 @@ def test_tune_sam3d_on_cpu_is_one_clear_error_at_load(tmp_path):
     last = cli["output"].strip().splitlines()[-1]
     assert last.startswith("Error: SAM 3D") and "CUDA" in last and "cannot run on cpu" in last, cli["output"]
     assert "Traceback" not in cli["output"] and not (tmp_path / "tune" / "tune.json").exists()
+
+
+def test_tune_names_the_sites_a_cpu_run_never_reaches(venv, tmp_path):
+    """TRELLIS.2's 1024 cascade stops at its upsampler on CPU, before the texture sampler:
+    its site is named (not swept as if measured), and the tune of the sites named reuses
+    the uncached run."""
+    r = _in(venv, "-m", "tests._tune_upstream", "trellis2", "cascade", str(tmp_path))
+    lines = [l for l in r.stdout.splitlines() if l.startswith("CLI ")]
+    assert lines, r.stdout[-2000:] + r.stderr[-3000:]
+    first, second = json.loads(lines[-1][len("CLI "):])
+    last = first["output"].strip().splitlines()[-1]
+    assert first["exit_code"] == 1 and last.startswith("Error: site(s) tex_slat of trellis2"), first["output"]
+    assert "--sites sparse_structure,shape_slat" in last and "CUDA" in last and "Traceback" not in first["output"]
+    assert second["exit_code"] == 0 and ", 1 reused;" in second["output"], second["output"][-2000:]
+    res = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert res["sites"] == ["sparse_structure", "shape_slat"]
