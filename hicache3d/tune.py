@@ -9,7 +9,10 @@ together.  Each run is compared with the uncached run of the same seed and image
 - the final latent of every site, relative L2 (every model);
 - where the pipeline makes a mesh: Chamfer, F-score@tau and voxel IoU of the mesh;
 - the network forwards (counted on the network) and the wall time of the whole pipeline,
-  decoders included, so the speed-up is end to end.
+  decoders included, so the speed-up is end to end.  Where a pipeline's mesh decoder
+  cannot run on this device (``pipeline.no_mesh_reason``: TRELLIS on CPU), the time is
+  that of the run up to the decoder (``pipeline.timing``, "sampler-only"); tune.json,
+  tune.md and settings.toml carry the reason and the label.
 
 Target: with a mesh, mean voxel IoU >= ``target_iou`` (0.98); without, the largest mean
 latent drift over the sites <= ``target_drift`` (0.05: on the bundled generator at 25
@@ -230,6 +233,9 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
         except ValueError as e:
             raise TuneError(str(e)) from None
     target = Target("iou", float(target_iou)) if pipeline.has_mesh else Target("drift", float(target_drift))
+    # where a decoder cannot run here (no mesh): why, and what the measured time covers
+    no_mesh = getattr(pipeline, "no_mesh_reason", None)
+    timing = getattr(pipeline, "timing", None) or "end to end"
     steps = steps if steps is not None else pipeline.default_steps
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +270,13 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
             measured_now += 1
             say(f"uncached: {ref.forwards} network forwards, {ref.seconds:.2f} s")
         bar.update(1)
+        reached = [s for s in all_sites if ref.latents.get(s)]
+        unreached = [s for s in sites if not ref.latents.get(s)]
+        if ref.latents and unreached:
+            raise TuneError(f"site(s) {', '.join(unreached)} of {pipeline.model} made no latent in the uncached "
+                            f"run: it stops before reaching them here" + (f" ({no_mesh})" if no_mesh else "") +
+                            f"; tune the sites it reaches with --sites {','.join(reached)} (the uncached run "
+                            f"is kept and reused)")
 
         def measure(kind: str, site: Optional[str], per_site: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
             nonlocal measured_now, resumed, warm
@@ -304,7 +317,7 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
     result = {"format": RECORD_FORMAT, "model": pipeline.model, "steps": steps, "seed": seed, "tau": tau,
               "images": [p.name for p in images], "sites": sites, "has_mesh": pipeline.has_mesh,
               "target": {"kind": target.kind, "value": target.value, "describe": target.describe()},
-              "rank_by": rank_by,
+              "rank_by": rank_by, "timing": timing, "no_mesh_reason": no_mesh,
               "grid": {"backends": list(backends), "schedules": list(schedules),
                        "intervals": [int(i) for i in intervals], "tolerances": [float(t) for t in tolerances]},
               "reference": {"forwards": ref.forwards, "seconds": ref.seconds},
@@ -319,9 +332,11 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
         else:
             extra = (f", mesh IoU {c['iou_mean']:.4f}" if c.get("iou_mean") is not None else "")
             comments[s] = (f"{c['forwards']} of {ref.forwards} network forwards ({c['forward_ratio']:.2f}x fewer), "
-                           f"{c['speedup']:.2f}x end to end, latent drift {c['drift']:.4f}{extra}")
+                           f"{c['speedup']:.2f}x {timing}, latent drift {c['drift']:.4f}{extra}")
     tune_info = {"target": target.describe(), "steps": steps, "seed": seed, "images": len(images),
-                 "rank_by": rank_by, "combined": _combined_phrase(combined, target, ref)}
+                 "rank_by": rank_by, "combined": _combined_phrase(combined, target, ref, timing)}
+    if no_mesh:
+        tune_info["note"] = no_mesh
     write_settings(out / "settings.toml", pipeline.model, combo, tune=tune_info, comments=comments,
                    header=f"Written by `hicache3d tune --model {pipeline.model}` ({len(images)} images, "
                           f"{steps} steps): the fastest settings per site meeting the target.\n"
@@ -331,8 +346,8 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
     return result
 
 
-def _combined_phrase(row: Mapping[str, Any], target: Target, ref: Output) -> str:
+def _combined_phrase(row: Mapping[str, Any], target: Target, ref: Output, timing: str = "end to end") -> str:
     m = f"IoU {row['iou_mean']:.4f}, " if row.get("iou_mean") is not None else ""
     d = "n/a" if row["drift"] is None else f"{row['drift']:.4f}"
     return (f"all sites together: {m}latent drift {d}, {row['forwards']}/{ref.forwards} forwards, "
-            f"{row['speedup']:.2f}x end to end ({'meets' if meets(row, target) else 'MISSES'} the target)")
+            f"{row['speedup']:.2f}x {timing} ({'meets' if meets(row, target) else 'MISSES'} the target)")

@@ -21,7 +21,7 @@ from .generate import GenerateError
 from .recipe import Recipe, get_recipe
 
 __all__ = ["TuneError", "Output", "Pipeline", "BundledPipeline", "GeneratorPipeline",
-           "register_pipeline", "make_pipeline", "relative_l2"]
+           "register_pipeline", "make_pipeline", "relative_l2", "latent_state"]
 
 
 class TuneError(RuntimeError):
@@ -114,28 +114,98 @@ class Pipeline:
                 yield acc
 
 
+def _is_sparse(x: Any) -> bool:
+    import torch
+    if isinstance(x, dict):
+        return set(x) == {"coords", "feats"}
+    return not isinstance(x, torch.Tensor) and hasattr(x, "feats") and hasattr(x, "coords")
+
+
+def latent_state(x: Any) -> Any:
+    """A latent as tensors only, on the CPU (what the stored reference holds, loaded back
+    with ``weights_only``): a sparse tensor becomes ``{"coords": ..., "feats": ...}``."""
+    import torch
+    if _is_sparse(x):
+        x = x if isinstance(x, dict) else {"coords": x.coords, "feats": x.feats}
+        return {k: x[k].detach().cpu().clone() for k in ("coords", "feats")}
+    if isinstance(x, dict):
+        return {k: latent_state(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [latent_state(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().clone()
+    raise TypeError(f"cannot store a {type(x).__name__} latent")
+
+
+def _sparse_terms(a: Any, b: Any):
+    """``(|a - b|^2, |b|^2)`` of two sparse latents, each a field that is zero outside its
+    coordinates: on the same coordinates feature by feature; on other coordinates (a
+    sampler upstream changed the structure) over their union, where a voxel only one of
+    them has counts with its whole feature."""
+    import torch
+    ga = a if isinstance(a, dict) else {"coords": a.coords, "feats": a.feats}
+    gb = b if isinstance(b, dict) else {"coords": b.coords, "feats": b.feats}
+    ca, cb = ga["coords"].long().cpu(), gb["coords"].long().cpu()
+    fa, fb = ga["feats"].double().cpu(), gb["feats"].double().cpu()
+    fa, fb = fa.reshape(len(fa), -1), fb.reshape(len(fb), -1)
+    if fa.shape[1] != fb.shape[1] or ca.shape[1:] != cb.shape[1:]:
+        return None
+    if ca.shape == cb.shape and torch.equal(ca, cb):
+        return float((fa - fb).pow(2).sum()), float(fb.pow(2).sum())
+    _, inv = torch.unique(torch.cat([ca, cb]), dim=0, return_inverse=True)
+    n = int(inv.max()) + 1 if len(inv) else 0
+    da = torch.zeros(n, fa.shape[1], dtype=torch.float64).index_add_(0, inv[:len(ca)], fa)
+    db = torch.zeros(n, fb.shape[1], dtype=torch.float64).index_add_(0, inv[len(ca):], fb)
+    return float((da - db).pow(2).sum()), float(fb.pow(2).sum())
+
+
 def relative_l2(a: Any, b: Any) -> Optional[float]:
     """``|a - b| / |b|`` over every tensor of a latent (tensor, sparse tensor with
-    ``.feats``, dict/list/tuple of them); ``None`` where the two do not have the same
-    structure and shapes (e.g. a sparse latent on other coordinates)."""
+    ``.coords`` / ``.feats`` or its :func:`latent_state`, dict/list/tuple of them).  Sparse
+    latents on other coordinates are compared as fields that are zero outside their
+    coordinates (see :func:`_sparse_terms`); ``None`` where the two do not have the same
+    structure otherwise (other keys, other dense shapes, other channels)."""
     import torch
 
-    def leaves(x):
+    def terms(x, y):
+        if _is_sparse(x) or _is_sparse(y):
+            t = _sparse_terms(x, y) if _is_sparse(x) and _is_sparse(y) else None
+            return None if t is None else [t]
         if hasattr(x, "feats") and not isinstance(x, torch.Tensor):
-            return [x.feats]
-        if isinstance(x, dict):
-            return [t for k in sorted(x) for t in leaves(x[k])]
-        if isinstance(x, (list, tuple)):
-            return [t for v in x for t in leaves(v)]
-        if isinstance(x, torch.Tensor):
-            return [x]
-        raise TypeError(f"cannot measure the drift of a {type(x).__name__} latent")
+            x = x.feats
+        if hasattr(y, "feats") and not isinstance(y, torch.Tensor):
+            y = y.feats
+        if isinstance(x, dict) or isinstance(y, dict):
+            if not (isinstance(x, dict) and isinstance(y, dict)) or set(x) != set(y):
+                return None
+            out = []
+            for k in sorted(x):
+                t = terms(x[k], y[k])
+                if t is None:
+                    return None
+                out += t
+            return out
+        if isinstance(x, (list, tuple)) or isinstance(y, (list, tuple)):
+            if not (isinstance(x, (list, tuple)) and isinstance(y, (list, tuple))) or len(x) != len(y):
+                return None
+            out = []
+            for u, v in zip(x, y):
+                t = terms(u, v)
+                if t is None:
+                    return None
+                out += t
+            return out
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape:
+                return None
+            return [(float((x.double() - y.double()).pow(2).sum()), float(y.double().pow(2).sum()))]
+        bad = y if isinstance(x, torch.Tensor) else x
+        raise TypeError(f"cannot measure the drift of a {type(bad).__name__} latent")
 
-    la, lb = leaves(a), leaves(b)
-    if len(la) != len(lb) or any(x.shape != y.shape for x, y in zip(la, lb)):
+    ts = terms(a, b)
+    if ts is None:
         return None
-    num = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(la, lb))
-    den = sum(float(y.double().pow(2).sum()) for y in lb)
+    num, den = sum(t[0] for t in ts), sum(t[1] for t in ts)
     if den == 0.0:
         return 0.0 if num == 0.0 else None
     return (num / den) ** 0.5
@@ -209,8 +279,14 @@ class BundledPipeline(Pipeline):
 class GeneratorPipeline(Pipeline):
     """An upstream generator through :class:`hicache3d.generate.Generator` (the models
     ``hicache3d generate --model`` knows): one image per call, the mesh it makes, the
-    network forwards counted on the network.  The final latent of the site is the input
-    of the pipeline's decoder (``pipe.vae``: Hunyuan3D)."""
+    network forwards counted on the networks.
+
+    The final latent of each site: for TRELLIS v1 / TRELLIS.2 / SAM 3D, what each site's
+    sampler returned (``StageOutput.latents``, every site); for Hunyuan3D, the input of
+    its decoder (``pipe.vae``, one site).  Where a decoder cannot run on this device (the
+    CUDA-only mesh decoders of TRELLIS on CPU) the pipeline makes no mesh: ``has_mesh`` is
+    False, ``no_mesh_reason`` says why, and the wall time is that of the run up to the
+    decoder (``timing``)."""
 
     has_mesh = True
 
@@ -219,6 +295,18 @@ class GeneratorPipeline(Pipeline):
         self.gen = Generator(model, weights, device)
         self.weights = str(Path(weights).resolve()) if weights else None
         super().__init__(self.gen.recipe)
+        self.no_mesh_reason: Optional[str] = None
+        self.timing = "end to end"
+        self.decoder = None
+        if self.gen.kind == "upstream":
+            unavailable = dict(getattr(getattr(self.gen.pipe, "models", None), "unavailable", None) or {})
+            if unavailable:
+                name, why = next(iter(unavailable.items()))
+                self.has_mesh = False
+                need = "mesh metrics need CUDA" if not str(self.gen.device).startswith("cuda") else "no mesh metrics"
+                self.no_mesh_reason = f"{need}: decoder {name} cannot run here ({why})"
+                self.timing = "sampler-only"
+            return
         self.decoder = getattr(self.gen.pipe, "vae", None)
         if self.decoder is None or len(self.sites) != 1:
             raise TuneError(f"tune reads the final latent of {model} at its decoder, and this "
@@ -226,10 +314,13 @@ class GeneratorPipeline(Pipeline):
                             f"your own (hicache3d.tune_pipelines.Pipeline)")
 
     def target(self):
-        return self.gen.pipe
+        return self.gen.upstream.target if self.gen.kind == "upstream" else self.gen.pipe
 
     def identity(self):
-        return {**super().identity(), "model": self.model, "weights": self.weights}
+        ident = {**super().identity(), "model": self.model, "weights": self.weights}
+        if self.gen.kind == "upstream":            # a CPU run (no mesh) is not a GPU run
+            ident.update(device=str(self.gen.device), mesh=self.has_mesh)
+        return ident
 
     def prepare(self, images):
         return [self.gen.prepare(Path(p)) for p in images]
@@ -239,35 +330,52 @@ class GeneratorPipeline(Pipeline):
         self.run(payload[:1], steps=steps, seed=0, recipe=None)
 
     def call(self, item, steps, seed):
-        """One image through the generator's own pipeline (image -> mesh)."""
+        """One image through the generator's own pipeline: its mesh, or (upstream
+        pipelines) the :class:`~hicache3d.pipelines.StageOutput` with mesh and latents."""
         return self.gen._raw(item, steps, seed, None)
 
     def run(self, payload, *, steps, seed, recipe):
         from .generate import count_forwards
+        from .pipelines import StageOutput
         seen: List[Any] = []
 
         def grab(_m, args, kwargs=None):
             if args:
                 seen.append(args[0].detach().clone())
-        h = self.decoder.register_forward_pre_hook(grab)
-        meshes, stats = [], {}
+        h = self.decoder.register_forward_pre_hook(grab) if self.decoder is not None else None
+        meshes, stats, latents = [], {}, {s: [] for s in self.sites}
         try:
             with count_forwards(self.gen.network) as n:
                 self.gen._sync()
                 t0 = time.perf_counter()
                 for item in payload:
                     with self.settings(recipe) as acc:
-                        meshes.append(self.call(item, steps, seed))
+                        out = self.call(item, steps, seed)
                     if acc is not None:
                         stats = acc.stats
+                    if isinstance(out, StageOutput):
+                        self._check_stage(out)
+                        for s in self.sites:
+                            if s in out.latents:
+                                latents[s].append(out.latents[s])   # stored as tensors after the timing
+                        out = out.mesh
+                    meshes.append(out)
                 self.gen._sync()
                 seconds = time.perf_counter() - t0
         finally:
-            h.remove()
-        if len(seen) != len(payload):
-            raise TuneError(f"{self.model}: the decoder saw {len(seen)} latents for {len(payload)} "
-                            f"images; cannot read the final latent")
-        return Output({self.sites[0]: seen}, meshes, n["calls"], seconds, stats)
+            if h is not None:
+                h.remove()
+        if self.decoder is not None:
+            if len(seen) != len(payload):
+                raise TuneError(f"{self.model}: the decoder saw {len(seen)} latents for {len(payload)} "
+                                f"images; cannot read the final latent")
+            latents = {self.sites[0]: seen}
+        latents = {s: [latent_state(x) for x in v] for s, v in latents.items() if v}
+        return Output(latents, meshes if self.has_mesh else None, n["calls"], seconds, stats)
+
+    def _check_stage(self, out) -> None:
+        if self.has_mesh and out.mesh is None:
+            raise TuneError(f"{self.model}: no mesh to compare ({out.reason or 'the decoder returned none'})")
 
 
 _REGISTRY: Dict[str, Callable[..., Pipeline]] = {}

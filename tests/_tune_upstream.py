@@ -112,8 +112,104 @@ class Sam3dTiny(Pipeline):
         return Output(lat, None, n, dt, acc.stats if acc is not None else {})
 
 
+# ------------------------------------------------------------------ through the CLI and generate's pipelines
+# ``hicache3d tune --model trellis|trellis2|sam3d`` on the tiny weights folders of
+# tests/_upstream_pipelines.py (the real pipelines, their CPU decoder stop):
+#
+#   python -m tests._tune_upstream FAMILY cli TMP       # writes TMP/weights, TMP/images; prints CLI {json}
+#   python -m tests._tune_upstream trellis2 cascade TMP  # a 1024-cascade folder: its unreached site
+#   python -m tests._tune_upstream FAMILY generate TMP  # one plain run of generate's pipeline (the
+#       # in-place patch, if any, accelerates it) and one really uncached; prints FORWARDS n n_ref DRIFT {...}
+
+CLI_STEPS = 6
+CLI_GRID = ["--backends", "dmd", "--schedules", "fixed", "--intervals", "2,3"]
+CLI_TARGET_DRIFT = 0.2
+
+
+def activate_family(family: str):
+    """The stand-ins of ``family``'s pipeline module; returns the weights-folder writer."""
+    from tests import _upstream_pipelines as P
+    if family == "trellis":
+        P.activate_trellis_v1()
+        return P.write_trellis_v1
+    if family == "trellis2":
+        P.activate_trellis2()
+        return P.write_trellis2
+    from tests.upstream import sam3d_env as S
+    S.activate()
+    return P.write_sam3d
+
+
+def cli_main(family: str, tmp: Path) -> None:
+    import os
+
+    from click.testing import CliRunner
+
+    from hicache3d.cli import main as cli
+    from tests import _upstream_pipelines as P
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    write = activate_family(family)
+    weights = tmp / "weights"
+    if not (weights.is_dir() and any(weights.iterdir())):
+        write(weights)
+    (tmp / "images").mkdir(parents=True, exist_ok=True)
+    P.rgba_disc(tmp / "images" / "disc.png")
+    args = ["tune", "--model", family, "--images", str(tmp / "images"), "--weights", str(weights),
+            "--out", str(tmp / "tune"), "--steps", str(CLI_STEPS), "--target-drift", str(CLI_TARGET_DRIFT),
+            *CLI_GRID]
+    r = CliRunner().invoke(cli, args)
+    tb = "".join(__import__("traceback").format_exception(*r.exc_info)) if r.exception is not None \
+        and not isinstance(r.exception, SystemExit) else ""
+    print("CLI " + json.dumps({"exit_code": r.exit_code, "output": r.output, "traceback": tb}))
+
+
+def cascade_main(tmp: Path) -> None:
+    """TRELLIS.2's 1024 cascade on CPU stops at its upsampler, before the texture sampler:
+    the tune of every site, then of the sites it names."""
+    import os
+    import shutil
+
+    from click.testing import CliRunner
+
+    from hicache3d.cli import main as cli
+    from tests import _upstream_pipelines as P
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    activate_family("trellis2")
+    weights = tmp / "weights"
+    P.write_trellis2(weights, pipeline_type="1024_cascade")
+    (tmp / "images").mkdir(parents=True, exist_ok=True)
+    P.rgba_disc(tmp / "images" / "disc.png")
+    base = ["tune", "--model", "trellis2", "--images", str(tmp / "images"), "--weights", str(weights),
+            "--out", str(tmp / "tune"), "--steps", "4", "--backends", "dmd", "--schedules", "fixed",
+            "--intervals", "2"]
+    first = CliRunner().invoke(cli, base)
+    second = CliRunner().invoke(cli, base + ["--sites", "sparse_structure,shape_slat"])
+    print("CLI " + json.dumps([{"exit_code": r.exit_code, "output": r.output} for r in (first, second)]))
+
+
+def generate_main(family: str, tmp: Path) -> None:
+    import os
+
+    import hicache3d
+    from hicache3d.generate import Generator, count_forwards, latent_drift
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    activate_family(family)
+    gen = Generator(family, str(tmp / "weights"), device="cpu")
+    payload = gen.prepare(tmp / "images" / "disc.png")
+    with count_forwards(gen.network) as n:
+        out = gen._raw(payload, CLI_STEPS, 0, None)
+    with hicache3d.uncached(), count_forwards(gen.network) as n_ref:
+        ref = gen._raw(payload, CLI_STEPS, 0, None)
+    drift = {s: latent_drift(out.latents[s], ref.latents[s]) for s in ref.latents}
+    print("FORWARDS", n["calls"], n_ref["calls"], "DRIFT " + json.dumps(drift))
+
+
 def main():
     torch.set_num_threads(1)
+    if sys.argv[2] == "cascade":
+        return cascade_main(Path(sys.argv[3]))
+    if sys.argv[2] in ("cli", "generate"):
+        return (cli_main if sys.argv[2] == "cli" else generate_main)(sys.argv[1], Path(sys.argv[3]))
     family, mode, images, out = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
     pipe = {"trellis2": Trellis2Tiny, "sam3d": Sam3dTiny}[family]()
     paths = sorted(images.iterdir())

@@ -417,3 +417,135 @@ def test_tune_varies_one_site_with_the_others_uncached_and_picks_by_drift(images
     for s in ("sparse_structure", "tex_slat"):
         assert combined[s] == pipe.recipe.site(s).config
     assert set(tomllib.loads((tmp_path / "t" / "settings.toml").read_text())["sites"]) == {"shape_slat"}
+
+
+def test_drift_of_sparse_latents_on_other_coordinates_is_that_of_the_dense_fields():
+    """A sampler upstream that changes the structure leaves the sparse latents downstream on
+    other coordinates: the drift is that of the two latents as dense grids, zero outside
+    their coordinates (computed here independently by scattering them into grids)."""
+    from hicache3d.tune_pipelines import latent_state, relative_l2
+    g = torch.Generator().manual_seed(0)
+    ca = torch.tensor([[0, 1, 1, 1], [0, 2, 2, 2], [1, 0, 0, 3]], dtype=torch.int32)
+    cb = torch.tensor([[1, 0, 0, 3], [0, 1, 1, 1], [0, 3, 3, 3]], dtype=torch.int32)
+    fa, fb = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    dense = []
+    for c, f in ((ca, fa), (cb, fb)):
+        d = torch.zeros(2, 4, 4, 4, 5, dtype=torch.float64)
+        for ci, fi in zip(c.tolist(), f):
+            d[tuple(ci)] = fi.double()
+        dense.append(d)
+    want = float((dense[0] - dense[1]).norm() / dense[1].norm())
+
+    class Sparse:                                    # the shape of a TRELLIS SparseTensor
+        def __init__(self, coords, feats):
+            self.coords, self.feats = coords, feats
+    got = relative_l2(Sparse(ca, fa), Sparse(cb, fb))
+    assert abs(got - want) < 1e-12 and got > 0
+    assert relative_l2(latent_state(Sparse(ca, fa)), latent_state(Sparse(cb, fb))) == got
+    same = relative_l2(Sparse(ca, fa), Sparse(ca, fa * 1.1))
+    assert abs(same - 0.1 / 1.1) < 1e-6          # float32 features
+    assert relative_l2(Sparse(ca, fa), Sparse(cb, fb[:, :4])) is None          # other channels
+    assert relative_l2(torch.ones(3), torch.ones(4)) is None
+
+
+@pytest.fixture(scope="module")
+def venv_v1(tmp_path_factory):
+    """TRELLIS v1 imports as ``trellis`` too: an environment of its own."""
+    from tests.upstream import install
+    return throwaway_venv(tmp_path_factory.mktemp("venv1") / "v",
+                          extra_paths=[str(ROOT), str(install.ensure("trellis"))])
+
+
+MESH_DECODERS = {"trellis": "slat_decoder_mesh", "trellis2": "shape_slat_decoder"}
+
+
+def _tune_cli(py, family, tmp):
+    r = _in(py, "-m", "tests._tune_upstream", family, "cli", str(tmp))
+    lines = [l for l in r.stdout.splitlines() if l.startswith("CLI ")]
+    assert lines, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads(lines[-1][len("CLI "):])
+
+
+@pytest.mark.parametrize("family", ["trellis2", "trellis"])
+def test_tune_cli_through_generate_pipelines_on_cpu_then_patch(family, request, tmp_path):
+    """`hicache3d tune --model trellis2|trellis` on the tiny weights folders (the real
+    pipelines, which stop before their CUDA-only mesh decoder on CPU): said once in the
+    output and in tune.md, sampler-only time, every site's final latent, the choice by the
+    drift target recomputed from tune.json, a rerun resumes everything, and the settings
+    patched in place make a fresh interpreter's plain run take the combined run's forwards
+    (which are the chosen rows' savings added up: fixed schedules) and drifts."""
+    from tests import _tune_upstream as U
+    py = request.getfixturevalue("venv" if family == "trellis2" else "venv_v1")
+    cli = _tune_cli(py, family, tmp_path)
+    out = tmp_path / "tune"
+    assert cli["exit_code"] == 0 and not cli["traceback"], cli["output"][-3000:] + cli["traceback"]
+    note = f"mesh metrics need CUDA: decoder {MESH_DECODERS[family]}"
+    assert cli["output"].count(note) == 1, cli["output"][-3000:]
+    md = (out / "tune.md").read_text()
+    assert md.count(note) == 1 and "sampler-only wall time" in md
+    res = json.loads((out / "tune.json").read_text())
+    sites = [s.name for s in hicache3d.recipe.get_recipe(family).sites]
+    assert len(sites) > 1 and res["sites"] == sites and not res["has_mesh"]
+    assert res["target"]["kind"] == "drift" and res["target"]["value"] == U.CLI_TARGET_DRIFT
+    assert res["timing"] == "sampler-only" and note in res["no_mesh_reason"] and "CUDA" in res["no_mesh_reason"]
+    settings = tomllib.loads((out / "settings.toml").read_text())
+    assert settings["tune"]["model"] == family and note in settings["tune"]["note"]
+    ref = res["reference"]["forwards"]
+    saved = 0
+    for k, site in enumerate(sites):
+        rows = [r for r in res["rows"] if r["site"] == site]
+        assert len(rows) == 2 and (out / f"pareto-{site}.png").is_file()
+        for r in rows:
+            assert "iou_mean" not in r and set(r["latent_drift"]) == set(sites)       # every site's latent
+            means = [np.mean(d["items"]) for d in r["latent_drift"].values()]
+            assert abs(max(means) - r["drift"]) < 1e-12
+            assert r["latent_drift"][site]["mean"] > 0                                  # the varied site changed
+            assert all(r["latent_drift"][s]["mean"] == 0.0 for s in sites[:k])          # the sites before it not
+        ok = [r for r in rows if r["drift"] <= U.CLI_TARGET_DRIFT]
+        best = min(ok, key=lambda r: (r["forwards"], r["seconds"])) if ok else None
+        assert res["chosen"][site] == (best["id"] if best else None), site
+        assert settings["sites"][site] == (best["settings"] if best else {"schedule": "fixed", "interval": 1})
+        lines = [l for l in cli["output"].splitlines() if l.startswith(f"{site}: ")]
+        assert len(lines) == 1 and ("x sampler-only" in lines[0] if best else "left uncached" in lines[0]), lines
+        saved += ref - best["forwards"] if best else 0
+    assert res["combined"]["forwards"] == ref - saved
+    if family == "trellis":                   # the stored reference and runs are reused
+        again = _tune_cli(py, family, tmp_path)
+        assert again["exit_code"] == 0 and "0 runs measured, 6 reused" in again["output"], again["output"][-2000:]
+    r = _in(py, "-m", "hicache3d", "patch", "--model", family, "--settings", str(out / "settings.toml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        r = _in(py, "-m", "tests._tune_upstream", family, "generate", str(tmp_path))
+        assert "FORWARDS" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+        n, n_ref = map(int, r.stdout.split("FORWARDS")[1].split()[:2])
+        drift = json.loads(r.stdout.split("DRIFT ")[1].splitlines()[0])
+        cb = res["combined"]
+        assert n_ref == ref and n == cb["forwards"] and (n < n_ref or saved == 0)
+        for site in sites:
+            assert abs(drift[site] - cb["latent_drift"][site]["mean"]) < 1e-6, (site, drift, cb["latent_drift"])
+    finally:
+        _in(py, "-m", "hicache3d", "unpatch", "--model", family)
+
+
+def test_tune_sam3d_on_cpu_is_one_clear_error_at_load(tmp_path):
+    cli = _tune_cli(sys.executable, "sam3d", tmp_path)
+    assert cli["exit_code"] == 1 and not cli["traceback"], cli["output"][-3000:] + cli["traceback"]
+    last = cli["output"].strip().splitlines()[-1]
+    assert last.startswith("Error: SAM 3D") and "CUDA" in last and "cannot run on cpu" in last, cli["output"]
+    assert "Traceback" not in cli["output"] and not (tmp_path / "tune" / "tune.json").exists()
+
+
+def test_tune_names_the_sites_a_cpu_run_never_reaches(venv, tmp_path):
+    """TRELLIS.2's 1024 cascade stops at its upsampler on CPU, before the texture sampler:
+    its site is named (not swept as if measured), and the tune of the sites named reuses
+    the uncached run."""
+    r = _in(venv, "-m", "tests._tune_upstream", "trellis2", "cascade", str(tmp_path))
+    lines = [l for l in r.stdout.splitlines() if l.startswith("CLI ")]
+    assert lines, r.stdout[-2000:] + r.stderr[-3000:]
+    first, second = json.loads(lines[-1][len("CLI "):])
+    last = first["output"].strip().splitlines()[-1]
+    assert first["exit_code"] == 1 and last.startswith("Error: site(s) tex_slat of trellis2"), first["output"]
+    assert "--sites sparse_structure,shape_slat" in last and "CUDA" in last and "Traceback" not in first["output"]
+    assert second["exit_code"] == 0 and ", 1 reused;" in second["output"], second["output"][-2000:]
+    res = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert res["sites"] == ["sparse_structure", "shape_slat"]
