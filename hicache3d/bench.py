@@ -13,7 +13,31 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
-__all__ = ["run_sweep", "write_reports", "pareto", "ratio_at", "frontier_table"]
+
+from ._io import atomic_write
+__all__ = ["run_sweep", "write_reports", "pareto", "ratio_at", "frontier_table", "held_out",
+           "occupancy_scores", "summarize"]
+
+
+def held_out(n: int):
+    """The first ``n`` held-out shapes of the bundled generator: (conditions, true
+    occupancies, names)."""
+    from .bundled import shapes
+    occ, cond = shapes.make_batch("held_out", list(range(n)))
+    return cond, occ, [f"held_out/{i}" for i in range(n)]
+
+
+def occupancy_scores(pred_occ, ref_occ, pred_lat=None, ref_lat=None,
+                     tau: float = 0.05) -> Dict[str, np.ndarray]:
+    """Per shape: F-score@tau, Chamfer and voxel IoU of two occupancy batches, and the
+    relative L2 of the final latents when given (what the sweep tabulates)."""
+    from .bundled.metrics import batch_metrics
+    m = batch_metrics(pred_occ.cpu(), ref_occ.cpu(), tau=tau)
+    out = {"fscore": m["fscore"], "chamfer": m["chamfer"], "iou": m["iou"]}
+    if pred_lat is not None:
+        d = (pred_lat - ref_lat).double().flatten(1).norm(dim=1) / ref_lat.double().flatten(1).norm(dim=1)
+        out["latent_rel_l2"] = d.cpu().numpy()
+    return out
 
 
 def _conditions(pipe, images: Optional[Path], n: int):
@@ -37,7 +61,8 @@ def _scores(pipe, out, ref, tau: float = 0.05, latents: bool = True) -> Dict[str
     return res
 
 
-def _summ(scores: Dict[str, np.ndarray]) -> Dict[str, float]:
+def summarize(scores: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """Means and per-sample minima (maxima for distances) of per-shape scores."""
     out = {}
     for k, v in scores.items():
         out[f"{k}_mean"] = float(np.mean(v))
@@ -75,7 +100,7 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
         if truth is not None:
             truth_out = type(ref)({}, truth > 0)
             base.update({f"vs_truth_{k}": v for k, v in
-                         _summ(_scores(pipe, ref, truth_out, latents=False)).items()})
+                         summarize(_scores(pipe, ref, truth_out, latents=False)).items()})
         baselines[S] = base
         say(f"steps {S}: uncached {ref.seconds:.1f} s, {ref.forwards} forwards")
         for b in backends:
@@ -99,7 +124,7 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
                        "forward_ratio": ref.forwards / max(out.forwards, 1),
                        "per_basis": site["per_basis"], "fallbacks": site["fallbacks"],
                        "pattern": out.stats["runs"][-1]["sites"]["sparse_structure"].get("pattern"),
-                       **_summ(sc)}
+                       **summarize(sc)}
                 if st.get("schedule") == "adaptive" and adaptive_options:
                     row["options"] = dict(adaptive_options)
                 rows.append(row)
@@ -231,9 +256,7 @@ def write_reports(res: Dict[str, Any], out: Path, stem: str = "fidelity") -> Lis
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(Path(path), text.encode("utf-8"))
 
 
 def _frontier_md(res: Dict[str, Any]) -> List[str]:

@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 import hicache3d  # noqa: E402
 import hicache3d.cache as cache_mod  # noqa: E402
 from hicache3d import schedule as sched  # noqa: E402
-from hicache3d.bench import _atomic_write, _scores, _summ, frontier_table, pareto, ratio_at  # noqa: E402
+from hicache3d._io import atomic_write  # noqa: E402
+from hicache3d.bench import frontier_table, held_out, occupancy_scores, pareto, ratio_at, summarize  # noqa: E402
 
 TOLERANCES = [0.25, 0.5, 1.0, 2.0, 4.0]
 LEVELS = (0.975, 0.98, 0.985, 0.99)
@@ -102,7 +103,7 @@ def main() -> None:
             r = json.loads((ROOT / "benchmarks" / f"adaptive_{m}.json").read_text())
             res["shapes"] = r["shapes"]
             res["variants"].update(r["variants"])
-        _atomic_write(out_json, json.dumps(res, indent=1, default=float) + "\n")
+        atomic_write(out_json, (json.dumps(res, indent=1, default=float) + "\n").encode())
         _write_md(res, out_json.with_suffix(".md"))
         return
     torch.set_num_threads(a.threads)
@@ -117,10 +118,9 @@ def main() -> None:
         print(f"note: the stored fixed rows are on {len(stored['shapes'])} shapes, this run on {a.shapes}")
     fixed = [r for r in stored["rows"] if r.get("schedule", "fixed") == "fixed" and r["steps"] in steps]
 
-    from hicache3d.bench import _conditions
     from hicache3d.bundled.generator import BundledGenerator
     gen = BundledGenerator.from_pretrained()
-    cond, _, _ = _conditions(None, a.shapes)
+    cond, _, _ = held_out(a.shapes)
     refs = {S: gen(cond, steps=S, seed=0) for S in steps}
     res = json.loads(out_json.read_text()) if out_json.exists() else {"shapes": a.shapes, "variants": {}}
     for name in names:
@@ -138,21 +138,21 @@ def main() -> None:
                     t0 = time.perf_counter()
                     out = gen(cond, steps=S, seed=0)
                     dt = time.perf_counter() - t0
-                sc = _scores(out.occupancy, ref.occupancy, out.latent, ref.latent)
+                sc = occupancy_scores(out.occupancy, ref.occupancy, out.latent, ref.latent)
                 row = {"steps": S, "backend": st["backend"], "schedule": st.get("schedule", "fixed"),
                        "tolerance": tol if st.get("schedule") == "adaptive" else None,
                        "interval": st.get("interval"),
                        "seconds": dt, "network_forwards": out.network_forwards,
                        "forward_ratio": ref.network_forwards / max(out.network_forwards, 1),
                        "pattern": run.stats["runs"][-1]["sites"]["sparse_structure"].get("pattern"),
-                       **_summ(sc)}
+                       **summarize(sc)}
                 rows.append(row)
                 print(f"{name:10s} steps {S} tol {tol:g}: IoU {row['iou_mean']:.4f} (min {row['iou_min']:.3f}) "
                       f"{row['forward_ratio']:.2f}x {row['pattern']}", flush=True)
         table = frontier_table(fixed + rows)
         res["variants"][name] = {"doc": doc, "settings": settings, "overrides": overrides,
                                  "rows": rows, "frontier": table}
-        _atomic_write(out_json, json.dumps(res, indent=1, default=float) + "\n")
+        atomic_write(out_json, (json.dumps(res, indent=1, default=float) + "\n").encode())
         _write_md(res, ROOT / "benchmarks" / f"adaptive_{a.name}.md")
         cache_mod.make_policy = sched.make_policy
 
@@ -209,7 +209,7 @@ def _write_md(res, path):
             f"(min {r['adaptive_min']:.3f} vs {r['fixed_min']:.3f})"
             for r in v["frontier"] if r["gain"] is not None))
         lines.append("")
-    _atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -242,10 +242,10 @@ def sync_checked_steps(device: torch.device, log: List[str]):
 def check_generator(device: torch.device, shapes_n: int, steps: int, interval: int,
                     tolerance: float, efficiency: float, bases=BASES) -> List[Dict[str, Any]]:
     import hicache3d
-    from hicache3d.bench import _conditions, _scores
+    from hicache3d.bench import held_out, occupancy_scores
     from hicache3d.bundled.generator import BundledGenerator
     gen = BundledGenerator.from_pretrained(device=device)
-    cond, _, _ = _conditions(None, shapes_n)
+    cond, _, _ = held_out(shapes_n)
     cond = cond.to(device)
 
     def timed(fn):
@@ -286,7 +286,7 @@ def check_generator(device: torch.device, shapes_n: int, steps: int, interval: i
                         except RuntimeError:
                             pass
             fr = ref.network_forwards / max(res.network_forwards, 1)
-            iou = _scores(res.occupancy, ref.occupancy)["iou"]
+            iou = occupancy_scores(res.occupancy, ref.occupancy)["iou"]
             row.update(seconds=t, seconds_uncached=t_ref, speedup=t_ref / t, forward_ratio=fr,
                        efficiency=(t_ref / t) / fr, meets_efficiency=(t_ref / t) >= efficiency * fr,
                        iou_mean=float(iou.mean()), iou_min=float(iou.min()), sync_errors=log,
