@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import hicache3d  # noqa: E402
 from hicache3d import CacheConfig, VelocityCache  # noqa: E402
-from tests.upstream import hy3dgen_env as H  # noqa: E402
+from upstream_harness import hy3dgen_env as H  # noqa: E402
 
 
 def timed(fn, reps):

@@ -1,5 +1,5 @@
 """Calls saved and drift vs uncached at every TRELLIS v1 / TRELLIS.2 sampling site, with the
-tiny real-code models of ``tests/upstream``; sweeps settings and ``horizon`` (step index vs
+tiny real-code models of ``upstream_harness``; sweeps settings and ``horizon`` (step index vs
 sampler time).  Each family runs in its own interpreter (both import as ``trellis``)::
 
     python scripts/bench_trellis_sites.py trellis  [--sweep]  > trellis.json
@@ -27,14 +27,14 @@ def _feats(x):
 
 def stages(family):
     if family == "trellis":
-        from tests.upstream import trellis_env as E
+        from upstream_harness import trellis_env as E
         E.activate()
         ss, sl = E.build_ss_flow(0), E.build_slat_flow(0)
         return E, {
             "sparse_structure": (ss, lambda s, seed: E.sample_ss(s, ss, seed=seed).samples),
             "slat": (sl, lambda s, seed: E.sample_slat(s, sl, seed=seed).samples),
         }
-    from tests.upstream import trellis2_env as E
+    from upstream_harness import trellis2_env as E
     E.activate()
     ss, sh, tx = E.build_ss_flow(0), E.build_shape_flow(0), E.build_tex_flow(0)
     shape_lat = {}

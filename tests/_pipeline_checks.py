@@ -42,7 +42,7 @@ def _raises(fn, *needles):
 
 def trellis_checks(tmp: Path):
     from tests import _upstream_pipelines as P
-    from tests.upstream import trellis_env as T
+    from upstream_harness import trellis_env as T
     P.activate_trellis_v1()
     weights = P.write_trellis_v1(tmp / "TRELLIS-image-large")
     image = P.rgba_disc(tmp / "disc.png")
@@ -151,7 +151,7 @@ def trellis_checks(tmp: Path):
 
 def trellis2_checks(tmp: Path):
     from tests import _upstream_pipelines as P
-    from tests.upstream import trellis2_env as T
+    from upstream_harness import trellis2_env as T
     P.activate_trellis2()
     weights = P.write_trellis2(tmp / "TRELLIS.2-4B")
     image = P.rgba_disc(tmp / "disc.png")
@@ -262,7 +262,7 @@ def trellis2_checks(tmp: Path):
 
 def sam3d_checks(tmp: Path):
     from tests import _upstream_pipelines as P
-    from tests.upstream import sam3d_env as S
+    from upstream_harness import sam3d_env as S
     S.activate()
     weights = P.write_sam3d(tmp / "sam-3d-objects")
     image = P.rgba_disc(tmp / "disc.png")

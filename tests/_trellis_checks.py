@@ -119,7 +119,7 @@ class Pipe:
 
 # ============================================================================ TRELLIS v1
 def v1():
-    from tests.upstream import trellis_env as E
+    from upstream_harness import trellis_env as E
     E.activate()
     from trellis.pipelines import samplers as S
 
@@ -300,7 +300,7 @@ def v1():
 
 # ============================================================================ TRELLIS.2
 def v2():
-    from tests.upstream import trellis2_env as E
+    from upstream_harness import trellis2_env as E
     E.activate()
     from trellis.pipelines import samplers as S
 

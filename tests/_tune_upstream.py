@@ -1,4 +1,4 @@
-"""``hicache3d tune`` on the tiny real-code TRELLIS.2 and SAM 3D models of tests/upstream,
+"""``hicache3d tune`` on the tiny real-code TRELLIS.2 and SAM 3D models of upstream_harness,
 run in a fresh interpreter (TRELLIS.2 imports as ``trellis`` and may share no process
 with TRELLIS v1):
 
@@ -39,7 +39,7 @@ class Trellis2Tiny(Pipeline):
     default_steps = STEPS["trellis2"]
 
     def __init__(self):
-        from tests.upstream import trellis2_env as E
+        from upstream_harness import trellis2_env as E
         self.E = E
         E.activate()
         super().__init__()
@@ -80,7 +80,7 @@ class Sam3dTiny(Pipeline):
     default_steps = STEPS["sam3d"]
 
     def __init__(self):
-        from tests.upstream import sam3d_env as S
+        from upstream_harness import sam3d_env as S
         self.S = S
         S.activate()
         super().__init__()
@@ -135,7 +135,7 @@ def activate_family(family: str):
     if family == "trellis2":
         P.activate_trellis2()
         return P.write_trellis2
-    from tests.upstream import sam3d_env as S
+    from upstream_harness import sam3d_env as S
     S.activate()
     return P.write_sam3d
 

@@ -3,7 +3,7 @@ and the stand-ins their pipeline modules need to import on a CPU-only machine.
 
 Used by ``tests/_pipeline_checks.py`` (one fresh interpreter per family: TRELLIS v1 and
 TRELLIS.2 both import as ``trellis``).  Every network is built from the upstream's own
-classes (``tests/upstream/*_env.py``), saved with its config as ``ckpts/<name>.json`` +
+classes (``upstream_harness/*_env.py``), saved with its config as ``ckpts/<name>.json`` +
 ``ckpts/<name>.safetensors`` and loaded back by the code under test.
 
 Stand-ins (ours, tests only), each for something the sampling path never computes with:
@@ -127,7 +127,7 @@ def _save(folder: Path, rel: str, name: str, args: dict, model) -> None:
 
 
 def _build(ctor, seed: int):
-    from tests.upstream._common import rerandomize_zero_params
+    from upstream_harness._common import rerandomize_zero_params
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ctor()
@@ -163,7 +163,7 @@ def write_trellis_v1(folder: Path, seed: int = 0) -> Path:
     """A TRELLIS-image-large-shaped weights folder with tiny models (``trellis_env`` active).
     ``ckpts/slat_dec_mesh`` holds the mesh decoder's published config and a placeholder
     tensor: the mesh decoder is never constructed on CPU (FlexiCubes needs CUDA)."""
-    from tests.upstream import trellis_env as T
+    from upstream_harness import trellis_env as T
     T.activate()
     from trellis.models.sparse_structure_flow import SparseStructureFlowModel
     from trellis.models.sparse_structure_vae import SparseStructureDecoder
@@ -173,7 +173,7 @@ def write_trellis_v1(folder: Path, seed: int = 0) -> Path:
     dec = _build(lambda: SparseStructureDecoder(**V1_SS_DEC), seed + 1)
     z = T.sample_ss(T.make_sampler("interval"), ss, steps=6).samples
     _calibrate_occupancy(dec, z, 0.06)
-    from tests.upstream import _standins
+    from upstream_harness import _standins
     with _standins.flash_attn_installed():
         slat = _build(lambda: SLatFlowModel(**V1_SLAT_FLOW), seed + 2)
     _save(folder, "ckpts/ss_flow", "SparseStructureFlowModel", V1_SS_FLOW, ss)
@@ -195,7 +195,7 @@ def write_trellis_v1(folder: Path, seed: int = 0) -> Path:
 
 def activate_trellis_v1() -> None:
     """``trellis_env`` plus the pipeline module's import-time stand-ins and the tiny DINOv2."""
-    from tests.upstream import _standins, trellis_env as T
+    from upstream_harness import _standins, trellis_env as T
     T.activate()
     install_torchvision_standin()
     install_rembg_standin()
@@ -273,7 +273,7 @@ class TinyDinoV3:
 
 
 def activate_trellis2() -> None:
-    from tests.upstream import trellis2_env as T
+    from upstream_harness import trellis2_env as T
     T.activate()
     install_trellis2_import_standins()
     import trellis.modules.image_feature_extractor as fe
@@ -303,7 +303,7 @@ def write_trellis2(folder: Path, seed: int = 0, pipeline_type: str = "512") -> P
     """A TRELLIS.2-4B-shaped weights folder with tiny models (``trellis2_env`` active).  The
     shape / texture decoders get their published class names and a placeholder tensor:
     they are never constructed on CPU (FlexGEMM / O-Voxel / CuMesh need CUDA)."""
-    from tests.upstream import trellis2_env as T
+    from upstream_harness import trellis2_env as T
     T.activate()
     from trellis.models.sparse_structure_flow import SparseStructureFlowModel
     from trellis.models.sparse_structure_vae import SparseStructureDecoder
@@ -353,7 +353,7 @@ def write_sam3d(folder: Path, seed: int = 0) -> Path:
     ``_base_models.generator.`` prefix the pipeline strips; the configs name their classes.
     (The pipeline's constructor is CUDA-only, so nothing here is loaded on CPU: the folder
     serves the layout checks and the CPU stop.)"""
-    from tests.upstream import sam3d_env as S
+    from upstream_harness import sam3d_env as S
     S.activate()
     ck = folder / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)

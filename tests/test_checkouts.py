@@ -3,7 +3,7 @@
 Most users clone TRELLIS, TRELLIS.2, Hunyuan3D-2.1, SAM 3D or Fast-SAM3D and run their
 scripts from the clone's root: the package sits in the current directory, with no
 distribution metadata.  Each case copies the real upstream code from ``.upstream/`` into
-that layout (``tests/upstream/checkout.py``), runs ``patch`` from the checkout with the
+that layout (``upstream_harness/checkout.py``), runs ``patch`` from the checkout with the
 current directory off the CLI's own import path (as the installed ``hicache3d`` script
 has it), then runs the sampler from the checkout in fresh interpreters: patched (fewer
 real network forwards, as the recipe's schedule plans them), then after ``unpatch``
@@ -22,7 +22,7 @@ from hicache3d.recipe import get_recipe
 from hicache3d.schedule import Schedule
 
 from ._venv import throwaway_venv
-from .upstream import checkout as C
+from upstream_harness import checkout as C
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ PRELUDE = '''
 import os, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(1, {root!r})
-from tests.upstream import checkout as C
+from upstream_harness import checkout as C
 C.use({case!r}, os.getcwd(), {deps!r})
 '''
 
@@ -44,7 +44,7 @@ C.use({case!r}, os.getcwd(), {deps!r})
 # process is patched, then REF: the same run with the in-place patch switched off
 BODY = {
     "trellis": '''
-from tests.upstream import trellis_env as E
+from upstream_harness import trellis_env as E
 model = E.build_ss_flow(0)
 def go():
     with E.count_calls(model) as c:
@@ -52,7 +52,7 @@ def go():
     return c.n, repr(float(x.double().sum()))
 ''',
     "trellis2": '''
-from tests.upstream import trellis2_env as E
+from upstream_harness import trellis2_env as E
 model = E.build_ss_flow(0)
 def go():
     with E.count_calls(model) as c:
@@ -60,7 +60,7 @@ def go():
     return c.n, repr(float(x.double().sum()))
 ''',
     "sam3d": '''
-from tests.upstream import sam3d_env as S
+from upstream_harness import sam3d_env as S
 gen = S.build_ss_generator(0)
 def go():
     with S.count_calls(gen.reverse_fn.backbone) as c:
@@ -68,7 +68,7 @@ def go():
     return c.n, repr(float(sum(v.double().sum() for v in x.values())))
 ''',
     "fast-sam3d": '''
-from tests.upstream import sam3d_env as S
+from upstream_harness import sam3d_env as S
 gen = S.build_slat_generator(0)
 def go():
     with S.count_calls(gen.reverse_fn.backbone) as c:
@@ -76,7 +76,7 @@ def go():
     return c.n, repr(float(x.double().sum()))
 ''',
     "hunyuan3d-2.1": '''
-from tests.upstream import hy3dgen_env as H
+from upstream_harness import hy3dgen_env as H
 pipe = H.build_pipeline({models!r})
 net = next(m for m in pipe.model.children() if any(True for _ in m.parameters()))
 def go():
@@ -109,18 +109,18 @@ def _planned(forwards, config):
 def _forwards(case):
     """Real network forwards per step of the uncached run, from the published settings."""
     if case == "trellis":
-        from tests.upstream.trellis_env import PIPELINE_DEFAULTS as D, t_pairs
+        from upstream_harness.trellis_env import PIPELINE_DEFAULTS as D, t_pairs
         p = D["ss"]
         lo, hi = p["cfg_interval"]
         return [2 if lo <= t <= hi else 1 for t, _ in t_pairs(12, p["rescale_t"])], "sparse_structure"
     if case.startswith("trellis2"):
-        from tests.upstream.trellis2_env import PIPELINE_DEFAULTS as D, t_pairs
+        from upstream_harness.trellis2_env import PIPELINE_DEFAULTS as D, t_pairs
         p = D["ss"]
         lo, hi = p["guidance_interval"]
         g = 1 if p["guidance_strength"] in (0, 1) else 2
         return [g if lo <= t <= hi else 1 for t, _ in t_pairs(12, p["rescale_t"])], "sparse_structure"
     if case in ("sam3d", "fast-sam3d"):
-        from tests.upstream.sam3d_env import PIPELINE_DEFAULTS as D, time_grid
+        from upstream_harness.sam3d_env import PIPELINE_DEFAULTS as D, time_grid
         stage, site = ("ss", "sparse_structure") if case == "sam3d" else ("slat", "slat")
         p = D[stage]
         lo, hi = p["cfg_interval"]

@@ -122,7 +122,7 @@ def test_generate_rejects_a_non_image(tmp_path):
 def test_generate_offline_without_weights_names_the_repo(png, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    from .upstream import hy3dgen_env as H
+    from upstream_harness import hy3dgen_env as H
     H.activate()
     r = CliRunner().invoke(main, ["generate", "--image", str(png), "--out", str(tmp_path / "o.glb"),
                                   "--model", "hunyuan3d-2mini"])
@@ -339,7 +339,7 @@ def test_same_stem_images_in_a_folder_are_refused(png, tmp_path):
 
 
 def test_weights_option_wins_over_hy3dgen_models(tmp_path, monkeypatch):
-    from .upstream import hy3dgen_env as H
+    from upstream_harness import hy3dgen_env as H
     H.activate()
     H.write_model_dir(tmp_path / "models")
     other = tmp_path / "elsewhere"

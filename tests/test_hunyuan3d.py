@@ -1,5 +1,5 @@
 """The Hunyuan3D recipes against the real ``hy3dgen==2.0.2`` pipeline code (installed from
-PyPI into .upstream/ by tests/upstream), with a tiny random-weight model on CPU."""
+PyPI into .upstream/ by upstream_harness), with a tiny random-weight model on CPU."""
 import os
 import subprocess
 import sys
@@ -13,7 +13,7 @@ import torch
 import hicache3d
 from hicache3d.schedule import Schedule
 
-from .upstream import hy3dgen_env as H
+from upstream_harness import hy3dgen_env as H
 
 STEPS = 9
 
@@ -131,7 +131,7 @@ def test_hunyuan3d_2_1_recipe_on_the_same_code_under_its_module_names(pipe):
 CHILD = textwrap.dedent('''
     import sys, torch
     sys.path.insert(0, {root!r})
-    from tests.upstream import hy3dgen_env as H
+    from upstream_harness import hy3dgen_env as H
     H.activate()
     pipe = H.build_pipeline({models!r})
     m = next(m for m in pipe.model.children() if any(True for _ in m.parameters()))

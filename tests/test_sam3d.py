@@ -1,6 +1,6 @@
 """The SAM 3D Objects and Fast-SAM3D recipes against the real ``sam3d==0.1.2`` generator code
 (``ShortCut``, ``ODESolver`` / ``Euler``, ``ClassifierFreeGuidance``; installed into .upstream/
-by tests/upstream) with tiny random-weight networks on CPU.
+by upstream_harness) with tiny random-weight networks on CPU.
 
 Fast-SAM3D is not on PyPI.  Its fork changes the solver's return form (``step`` returns
 ``(x, v)``, ``solve_iter`` yields ``(x_t, t, v)``) and adds its own accelerations
@@ -19,7 +19,7 @@ import hicache3d
 from hicache3d.recipe import get_recipe
 from hicache3d.schedule import Schedule
 
-from .upstream import sam3d_env as S
+from upstream_harness import sam3d_env as S
 
 STEPS = 25
 
@@ -297,7 +297,7 @@ CHILD = textwrap.dedent('''
     sys.path.insert(0, {root!r})
     from tests._checkout import use_checkout_packages
     use_checkout_packages()
-    from tests.upstream import sam3d_env as S
+    from upstream_harness import sam3d_env as S
     S.activate()
     ss, sl = S.build_ss_generator(0), S.build_slat_generator(0)
     with S.count_calls(ss.reverse_fn.backbone) as a:

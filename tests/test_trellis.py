@@ -1,6 +1,6 @@
 """The TRELLIS v1 (``trellis``) and TRELLIS.2 (``trellis2``) recipes against the real
 upstream samplers (``trellis-3d-ms==0.1.0`` / ``trellis-3d-python==0.1.30``, installed
-into .upstream/ by tests/upstream) with tiny random-weight models on CPU.
+into .upstream/ by upstream_harness) with tiny random-weight models on CPU.
 
 Both generators import as ``trellis`` and can never share a process: every check runs in a
 fresh interpreter per family (``tests/_trellis_checks.py``, one subprocess per family), and
@@ -82,7 +82,7 @@ CHILD = textwrap.dedent('''
     import sys, torch
     torch.set_num_threads(1)
     sys.path.insert(0, {root!r})
-    from tests.upstream import trellis2_env as E
+    from upstream_harness import trellis2_env as E
     E.activate()
     ss, sh, tx = E.build_ss_flow(0), E.build_shape_flow(0), E.build_tex_flow(0)
     out = []
@@ -106,7 +106,7 @@ def cli(py, *args):
 
 
 def test_in_place_patch_trellis2_in_fresh_processes(tmp_path):
-    from tests.upstream import install
+    from upstream_harness import install
     from hicache3d.recipe import get_recipe
     from hicache3d.schedule import Schedule
     from .test_engine import run_py
@@ -128,7 +128,7 @@ def test_in_place_patch_trellis2_in_fresh_processes(tmp_path):
     assert r.returncode == 0 and "patched trellis2" in r.stdout, r.stdout + r.stderr
     patched = run_py(py, child, env=env, cwd=str(ROOT))
     recipe = get_recipe("trellis2")
-    from tests.upstream.trellis2_env import PIPELINE_DEFAULTS as D, t_pairs  # no import of trellis itself
+    from upstream_harness.trellis2_env import PIPELINE_DEFAULTS as D, t_pairs  # no import of trellis itself
     want = []
     for site, key in (("sparse_structure", "ss"), ("shape_slat", "shape"), ("tex_slat", "tex")):
         p, c = D[key], recipe.site(site).config

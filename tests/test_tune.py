@@ -197,7 +197,7 @@ print("FORWARDS", out.network_forwards)
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
     """One throw-away environment for the in-place tests (each model its own entry)."""
-    from tests.upstream import install
+    from upstream_harness import install
     return throwaway_venv(tmp_path_factory.mktemp("venv") / "v",
                           extra_paths=[str(ROOT), str(install.ensure("trellis2"))])
 
@@ -316,7 +316,7 @@ def test_tune_errors(tmp_path, images, monkeypatch):
     assert r.exit_code != 0 and "has no site shape" in r.output
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    from .upstream import hy3dgen_env as H
+    from upstream_harness import hy3dgen_env as H
     H.activate()
     r = run("--model", "hunyuan3d-2mini", "--images", str(images))
     assert r.exit_code != 0 and "tencent/Hunyuan3D-2mini" in r.output and "huggingface-cli download" in r.output
@@ -329,7 +329,7 @@ def test_tune_hunyuan3d_through_generate_pipeline_mesh_and_latent(images, tmp_pa
     left uncached is bit-identical to the uncached run (its wasted last step skipped)."""
     from hicache3d.tune import tune
     from hicache3d.tune_pipelines import GeneratorPipeline
-    from .upstream import hy3dgen_env as H
+    from upstream_harness import hy3dgen_env as H
     H.activate()
     H.write_model_dir(tmp_path / "models")
 
@@ -451,7 +451,7 @@ def test_drift_of_sparse_latents_on_other_coordinates_is_that_of_the_dense_field
 @pytest.fixture(scope="module")
 def venv_v1(tmp_path_factory):
     """TRELLIS v1 imports as ``trellis`` too: an environment of its own."""
-    from tests.upstream import install
+    from upstream_harness import install
     return throwaway_venv(tmp_path_factory.mktemp("venv1") / "v",
                           extra_paths=[str(ROOT), str(install.ensure("trellis"))])
 

@@ -3,7 +3,7 @@
 Every check runs in a fresh interpreter (``subprocess``): the families install
 conflicting top-level packages (TRELLIS v1 and TRELLIS.2 are both ``trellis``) and
 register process-wide stand-ins, so nothing of them may leak into the pytest process.
-Missing installs are done on first use (``python -m tests.upstream.install all``
+Missing installs are done on first use (``python -m upstream_harness.install all``
 beforehand keeps these tests fast); ``HICACHE3D_SKIP_UPSTREAM=1`` skips them.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(os.environ.get("HICACHE3D_SKIP_UPSTREAM") == "1",
                                 reason="HICACHE3D_SKIP_UPSTREAM=1")
@@ -51,7 +51,7 @@ def run_py(code: str, timeout: float = 300) -> dict:
 
 def test_install_is_idempotent_and_fast_when_stamped():
     res = run_py("""
-        from tests.upstream import install
+        from upstream_harness import install
         t = time.perf_counter(); p = install.ensure("hy3dgen"); first = time.perf_counter() - t
         t = time.perf_counter(); p2 = install.ensure("hy3dgen"); second = time.perf_counter() - t
         stamp = json.loads((p / install.STAMP_NAME).read_text())
@@ -74,7 +74,7 @@ def test_install_is_idempotent_and_fast_when_stamped():
 
 def test_hy3dgen_pipeline_cfg_end_to_end(tmp_path):
     res = run_py(f"""
-        from tests.upstream import hy3dgen_env as H
+        from upstream_harness import hy3dgen_env as H
         H.activate()
         pipe = H.build_pipeline({str(tmp_path)!r}, seed=0)
         with H.count_calls(pipe.model) as c:
@@ -101,7 +101,7 @@ def test_hy3dgen_pipeline_cfg_end_to_end(tmp_path):
 
 def test_hy3dgen_turbo_no_cfg_doubling_and_deterministic_across_processes(tmp_path):
     code = """
-        from tests.upstream import hy3dgen_env as H
+        from upstream_harness import hy3dgen_env as H
         turbo = H.build_pipeline({d!r}, turbo=True, seed=3)
         with H.count_calls(turbo.model) as c:
             lat_t = H.run(turbo, steps=4, output_type="latent")
@@ -124,7 +124,7 @@ def test_hy3dgen_turbo_no_cfg_doubling_and_deterministic_across_processes(tmp_pa
 
 def test_trellis_v1_samplers_end_to_end():
     res = run_py("""
-        from tests.upstream import trellis_env as T
+        from upstream_harness import trellis_env as T
         T.activate()
         import trellis.pipelines.samplers.flow_euler as fe
         ss, sl = T.build_ss_flow(0), T.build_slat_flow(0)
@@ -168,7 +168,7 @@ def test_trellis_v1_samplers_end_to_end():
 
 def test_trellis2_three_sites_end_to_end():
     res = run_py("""
-        from tests.upstream import trellis2_env as T
+        from upstream_harness import trellis2_env as T
         T.activate()
         import trellis.pipelines.samplers.flow_euler as fe
         P = T.PIPELINE_DEFAULTS
@@ -217,7 +217,7 @@ def test_trellis2_three_sites_end_to_end():
 @pytest.mark.parametrize("first,second", [("trellis_env", "trellis2_env"), ("trellis2_env", "trellis_env")])
 def test_trellis_families_refuse_to_share_a_process(first, second):
     res = run_py(f"""
-        from tests.upstream import {first} as A, {second} as B
+        from upstream_harness import {first} as A, {second} as B
         A.activate()
         A.activate()  # idempotent
         try:
@@ -236,7 +236,7 @@ def test_trellis_families_refuse_to_share_a_process(first, second):
 
 def test_sam3d_generators_end_to_end():
     res = run_py("""
-        from tests.upstream import sam3d_env as S
+        from upstream_harness import sam3d_env as S
         S.activate()
         import sam3d_objects.model.backbone.generator.flow_matching.solver as solver_mod
         out = {"module": solver_mod.__file__}

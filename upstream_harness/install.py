@@ -8,16 +8,16 @@ and so that nothing is added to the interpreter's own site-packages.
 Everything is installed with ``pip install --no-deps``: the upstream wheels
 declare heavy or bogus requirements (CUDA extensions, a ``pytorch`` package,
 renderers) that their samplers never import.  The lists below name only what
-the sampler/pipeline code paths exercised by ``tests/upstream`` really import.
+the sampler/pipeline code paths exercised by ``upstream_harness`` really import.
 torch itself is never installed here; it must already be importable.
 
 Usage::
 
-    from tests.upstream.install import ensure
+    from upstream_harness.install import ensure
     path = ensure("hy3dgen")          # idempotent, ~instant when up to date
 
-    python -m tests.upstream.install all        # what CI runs once
-    python -m tests.upstream.install trellis sam3d --force
+    python -m upstream_harness.install all        # what CI runs once
+    python -m upstream_harness.install trellis sam3d --force
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_ROOT = REPO_ROOT / ".upstream"
 STAMP_NAME = ".install-stamp.json"
 # Bump when the install procedure changes in a way the package list does not show.
@@ -312,8 +312,8 @@ def _size_mb(path: Path) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.upstream.install",
-        description="Install the pinned upstream generators used by tests/upstream.",
+        prog="python -m upstream_harness.install",
+        description="Install the pinned upstream generators used by upstream_harness.",
     )
     parser.add_argument("names", nargs="+", help=f"'all' or some of: {', '.join(NAMES)}")
     parser.add_argument("--force", action="store_true", help="reinstall even when up to date")

@@ -58,13 +58,13 @@ def install_pymeshlab_stub() -> None:
     if "pymeshlab" in sys.modules:
         return
     mod = types.ModuleType("pymeshlab")
-    mod.__doc__ = "Placeholder for PyMeshLab (tests/upstream stand-in; not functional)."
+    mod.__doc__ = "Placeholder for PyMeshLab (upstream_harness stand-in; not functional)."
 
     class MeshSet:  # noqa: D401 - placeholder
         """Placeholder type; PyMeshLab is not available in the test environment."""
 
         def __init__(self, *args, **kwargs):
-            raise RuntimeError("pymeshlab is stubbed out in tests/upstream; mesh post-processing is unavailable")
+            raise RuntimeError("pymeshlab is stubbed out in upstream_harness; mesh post-processing is unavailable")
 
     mod.MeshSet = MeshSet
     mod.Mesh = MeshSet
@@ -173,7 +173,7 @@ def make_flash_attn_module() -> types.ModuleType:
     ``scaled_dot_product_attention``.  Dropout is ignored (inference only).
     """
     mod = types.ModuleType("flash_attn")
-    mod.__doc__ = "CPU stand-in for flash_attn (tests/upstream): per-segment scaled_dot_product_attention."
+    mod.__doc__ = "CPU stand-in for flash_attn (upstream_harness): per-segment scaled_dot_product_attention."
     mod.__version__ = "0.0.0+cpu-standin"
     mod.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
     for fn in (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func,
