@@ -27,7 +27,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["FitError", "ExpFit", "fit_exponential", "is_uniform", "uniform_runs"]
+__all__ = ["FitError", "ExpFit", "backcast_error", "fit_exponential", "is_uniform", "uniform_runs",
+           "uniform_tail_length"]
 
 _ZERO_RATE = -700.0   # rate standing in for a zero eigenvalue (per unit spacing)
 
@@ -52,6 +53,8 @@ class ExpFit:
     method: str           # "uniform" | "irregular"
     clamped: int          # modes clamped to neutral
     rank: int
+    backcast: Optional[float] = None   # error of the selected (window, rank) on the newest
+                                       # snapshot when fitted without it (None: not scored)
 
     def weights(self, tq: float) -> np.ndarray:
         tau = float(tq) - self.t_new
@@ -194,16 +197,11 @@ def _varpro(Y: np.ndarray, t: np.ndarray, mu0: np.ndarray, iters: int = 25) -> T
     return mu / scale, B, float(np.sqrt(f))
 
 
-def fit_exponential(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_tol: float = 1e-4,
-                    gram_eps: float = 2.2e-16, clamp: bool = True, keep_residual: bool = True,
-                    min_snapshots: int = 3, refine: bool = True,
-                    pod_tol: Optional[float] = None) -> ExpFit:
-    """Fit the exponential model to the snapshots behind Gram matrix ``G`` at positions ``t``."""
-    t = np.asarray(t, dtype=np.float64)
+def _fit_window(t: np.ndarray, G: np.ndarray, *, rank: int, tol: float, pod_tol: Optional[float],
+                clamp: bool, keep_residual: bool, refine: bool) -> ExpFit:
+    """The exponential fit of every snapshot of the window, at most ``rank`` modes (0: the
+    POD noise floor decides)."""
     n = len(t)
-    if n < max(2, min_snapshots):
-        raise FitError("insufficient_history")
-    tol = max(rank_tol, 4.0 * np.sqrt(gram_eps))
     Y, coef, _ = _pod(np.asarray(G, dtype=np.float64), tol if pod_tol is None else pod_tol, None)
     r = Y.shape[0]
     direction = np.sign(t[-1] - t[-2]) or 1.0
@@ -212,24 +210,24 @@ def fit_exponential(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_tol: fl
         rates = _rates(lam, t[1] - t[0])
         method = "uniform"
     else:
-        # start from the rates of every equally spaced run (the warm-up steps give the
-        # fine spacing, the cache cadence the coarse one), merged without duplicates
-        mu0 = []
-        for a, b in uniform_runs(t):
-            lam0, _ = _exact_dmd(Y[:, a:b], tol, rank)
-            for m in _rates(lam0, t[a + 1] - t[a]):
-                if all(abs(m - q) > 1e-6 * (1 + abs(q)) for q in mu0):
-                    mu0.append(m)
-        if not mu0:
-            # no equally spaced run: treat the sequence as equally spaced for the start
-            lam0, _ = _exact_dmd(Y, tol, rank)
-            mu0 = list(_rates(lam0, (t[-1] - t[0]) / (n - 1)))
-        mu0 = np.asarray(mu0[:max(1, min(n - 1, r if not rank else rank))], dtype=np.complex128)
-        mu0 = np.maximum(mu0.real, _ZERO_RATE / 2) + 1j * mu0.imag
+        want = max(1, min(n - 1, r if not rank else min(rank, r)))
+        starts = _starts(Y, t, tol, want)
         if refine:
-            rates, modes, _ = _varpro(Y, t, mu0)
+            best = None
+            for mu0 in starts:
+                try:
+                    fit = _varpro(Y, t, mu0)
+                except FitError:
+                    continue
+                if best is None or fit[2] < best[2]:
+                    best = fit
+                if best[2] < 1e-12:
+                    break
+            if best is None:
+                raise FitError("varpro_overflow")
+            rates, modes, _ = best
         else:
-            rates = mu0
+            rates = starts[0]
             E = np.exp(np.outer(rates, (t - t[-1])))
             Bt, *_ = np.linalg.lstsq(E.T, Y.T.astype(np.complex128), rcond=None)
             modes = Bt.T
@@ -248,3 +246,129 @@ def fit_exponential(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_tol: fl
     return ExpFit(coef=coef, y_new=y_new, modes=modes, amps=amps, rates=rates,
                   t_new=float(t[-1]), keep_residual=keep_residual, method=method,
                   clamped=clamped, rank=len(rates))
+
+
+def _starts(Y: np.ndarray, t: np.ndarray, tol: float, want: int) -> list:
+    """Starting rates for variable projection on an irregular window, ``want`` each.
+
+    First the rates of every equally spaced run (the warm-up steps give the fine
+    spacing, the cache cadence the coarse one), merged without duplicates; where these
+    are fewer than ``want`` (a short run cannot show every mode the whole window holds),
+    the missing ones are filled from exact DMD of the whole window taken as equally
+    spaced, and from a few real decay rates; each filling is one start."""
+    n = len(t)
+    base = []
+    for a, b in uniform_runs(t):
+        lam0, _ = _exact_dmd(Y[:, a:b], tol, want)
+        for m in _rates(lam0, t[a + 1] - t[a]):
+            if all(abs(m - q) > 1e-6 * (1 + abs(q)) for q in base):
+                base.append(m)
+    spacing = (t[-1] - t[0]) / (n - 1)
+    lam_u, _ = _exact_dmd(Y, tol, want)
+    pseudo = list(_rates(lam_u, spacing))
+    scale = float(np.median(np.abs(np.diff(t)))) or 1.0
+    fills = [pseudo] + [[complex(-c / scale * np.sign(spacing))] * want for c in (0.05, 0.3, 1.0)]
+    starts = []
+    for fill in fills:
+        mu = list(base[:want])
+        for m in fill:
+            if len(mu) >= want:
+                break
+            mu.append(m if all(abs(m - q) > 1e-6 * (1 + abs(q)) for q in mu) else m * 1.3 - 0.01)
+        mu = np.asarray(mu[:want], dtype=np.complex128)
+        mu = np.maximum(mu.real, _ZERO_RATE / 2) + 1j * mu.imag
+        starts.append(mu)
+        if len(base) >= want:
+            break                   # the runs show every mode: one start
+    return starts
+
+
+def _pad(fit: ExpFit, before: int) -> ExpFit:
+    """The fit of a window that leaves out the ``before`` oldest snapshots, as weights
+    over the whole history (zero on the left-out ones)."""
+    if before:
+        fit.coef = np.vstack([np.zeros((before, fit.coef.shape[1])), fit.coef])
+    return fit
+
+
+def backcast_error(fit: ExpFit, t: np.ndarray, G: np.ndarray, h: int, start: int = 0) -> float:
+    """Relative error of ``fit`` (made on snapshots ``start .. h-1``) forecasting snapshot
+    ``h``, from the Gram matrix (no pass over the data)."""
+    w = fit.weights(t[h])
+    Gh = G[start:h, start:h]
+    e2 = float(w @ Gh @ w - 2.0 * w @ G[start:h, h] + G[h, h])
+    return float(np.sqrt(max(e2, 0.0) / max(G[h, h], 1e-300)))
+
+
+def fit_exponential(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_tol: float = 1e-4,
+                    gram_eps: float = 2.2e-16, clamp: bool = True, keep_residual: bool = True,
+                    min_snapshots: int = 3, refine: bool = True,
+                    pod_tol: Optional[float] = None, select: bool = True) -> ExpFit:
+    """Fit the exponential model to the snapshots behind Gram matrix ``G`` at positions ``t``.
+
+    ``rank=0`` chooses the number of modes, and the window, from the data (``select``):
+
+    * snapshots that span one dimension fewer than their count (the POD noise floor, set
+      by ``rank_tol`` and the data's precision ``gram_eps``) determine their modes, and
+      no snapshot is left to test a fit: the fit of every mode above the floor is used
+      as is (exact on signals of that many modes);
+    * otherwise every rank from 1 to ``n - 2`` is fitted on all but the newest snapshot
+      and scored by how well it forecasts that one (a held-out backcast, from the Gram
+      matrix); when the history ends in an equally spaced run of at least 4 snapshots
+      that does not reach its oldest one (the warm-up steps followed by the cache
+      cadence), that run is scored as a window of its own next to the whole history.
+      The best (window, rank) is refitted on all of its snapshots.  Modes beyond it fit
+      noise and the changing dynamics of a trained sampler, not its trend.
+
+    ``select=False`` (or ``rank > 0``) fits the whole window with the noise-floor rank
+    (at most ``rank``) without scoring.
+    """
+    t = np.asarray(t, dtype=np.float64)
+    G = np.asarray(G, dtype=np.float64)
+    n = len(t)
+    if n < max(2, min_snapshots):
+        raise FitError("insufficient_history")
+    tol = max(rank_tol, 4.0 * np.sqrt(gram_eps))
+    opts = dict(tol=tol, pod_tol=pod_tol, clamp=clamp, keep_residual=keep_residual, refine=refine)
+    if rank or not select:
+        return _fit_window(t, G, rank=rank, **opts)
+    r = _pod(G, tol if pod_tol is None else pod_tol, None)[0].shape[0]
+    if r == n - 1:
+        return _fit_window(t, G, rank=0, **opts)       # determined, nothing left to test it
+    starts = [0]
+    m = uniform_tail_length(t)
+    if 4 <= m < n:
+        starts.append(n - m)
+    best = None
+    for a in starts:
+        ta, Ga = t[a:], G[a:, a:]
+        na = len(ta)
+        ra = _pod(Ga[:-1, :-1], tol if pod_tol is None else pod_tol, None)[0].shape[0]
+        for K in range(1, min(ra, na - 2) + 1):
+            try:
+                f = _fit_window(ta[:-1], Ga[:-1, :-1], rank=K, **opts)
+                err = backcast_error(f, ta, Ga, na - 1)
+            except (FitError, np.linalg.LinAlgError):
+                continue
+            if not np.isfinite(err):
+                continue
+            if best is None or err < best[0]:
+                best = (err, a, K)
+    if best is None:
+        raise FitError("undetermined")
+    err, a, K = best
+    fit = _pad(_fit_window(t[a:], G[a:, a:], rank=K, **opts), a)
+    fit.backcast = err
+    return fit
+
+
+def uniform_tail_length(t: np.ndarray, rtol: float = 1e-6) -> int:
+    """How many of the newest snapshots are equally spaced (>= 2 when there are 2)."""
+    n = len(t)
+    if n < 3:
+        return n
+    d = np.diff(t)
+    k = 1
+    while k < len(d) and abs(d[-k - 1] - d[-1]) <= rtol * abs(d[-1]):
+        k += 1
+    return k + 1
