@@ -6,6 +6,9 @@ the bundled generator.  Writes benchmarks/fidelity.{json,md,png}.
     python scripts/bench_fidelity.py --adaptive-only
         # only the adaptive rows (plus one fixed row per step count, checked against the
         # stored one), merged with the fixed rows of benchmarks/fidelity.json
+    python scripts/bench_fidelity.py --bases dmd,auto
+        # only the fixed rows of these bases (every step count and interval), merged with
+        # the other bases' rows and the adaptive rows of benchmarks/fidelity.json
     python scripts/bench_fidelity.py --quick    # 8 shapes, 12 steps, intervals 3 and 6
 """
 import argparse
@@ -29,11 +32,36 @@ ADAPTIVE_BASES = ["hermite"]
 ADAPTIVE_OPTIONS = {"first_enhance": 2, "compute_cost": [[0.5, 1.0, 2.0]]}
 
 
+def merge_rows(old: dict, new: dict, bases: list) -> dict:
+    """``old`` with its fixed rows of ``bases`` replaced by those of ``new`` (same step
+    counts and intervals), in the stored order; every other row, the baselines and the
+    shapes are kept.  The uncached baselines must agree (same generator and shapes)."""
+    if list(old["shapes"]) != list(new["shapes"]):
+        raise SystemExit("the stored sweep used other shapes; re-run it in full")
+    fresh = {(r["backend"], int(r["steps"]), int(r["interval"])): r for r in new["rows"]}
+    rows = []
+    for r in old["rows"]:
+        key = (r["backend"], int(r["steps"]), int(r.get("interval") or 0))
+        if r.get("schedule", "fixed") == "fixed" and r["backend"] in bases:
+            rows.append(fresh.pop(key))
+        else:
+            rows.append(r)
+    rows += list(fresh.values())            # bases the stored sweep did not have
+    out = dict(old)
+    out["rows"] = rows
+    out["rerun_bases"] = list(bases)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="8 shapes, 12 steps, a few settings")
     ap.add_argument("--adaptive-only", action="store_true",
                     help="run the adaptive rows; keep the fixed rows of the stored JSON (checked on one row per step count)")
+    ap.add_argument("--bases", default=None,
+                    help="comma-separated bases whose fixed rows are re-run; every other row is kept "
+                         "from the stored JSON (with --quick: the quick settings, merged into "
+                         "fidelity_quick.json)")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the Markdown and PNG from the stored benchmarks/fidelity.json")
     ap.add_argument("--shapes", type=int, default=32)
@@ -46,7 +74,22 @@ def main() -> None:
     tols = [float(x) for x in a.tolerances.split(",")]
     adaptive = {b: tols for b in a.adaptive_bases.split(",")}
     say = lambda s: print(s, flush=True)  # noqa: E731
-    if a.report_only:
+    if a.bases:
+        bases = [b.strip() for b in a.bases.split(",") if b.strip()]
+        bad = [b for b in bases if b not in BASES]
+        if not bases or bad:
+            ap.error(f"--bases: unknown basis {', '.join(bad) or '(none given)'}; choose from {', '.join(BASES)}")
+        stem = "fidelity_quick" if a.quick else "fidelity"
+        stored = a.out / f"{stem}.json"
+        if not stored.exists():
+            ap.error(f"--bases merges into {stored}, which does not exist: run the sweep first")
+        old = json.loads(stored.read_text())
+        fixed = [r for r in old["rows"] if r.get("schedule", "fixed") == "fixed"]
+        steps = sorted({int(r["steps"]) for r in fixed})
+        intervals = sorted({int(r["interval"]) for r in fixed})
+        res = run_sweep(bases, intervals, steps, shapes_n=len(old["shapes"]), progress=say)
+        res = merge_rows(old, res, bases)
+    elif a.report_only:
         res = json.loads((a.out / "fidelity.json").read_text())
         stem = "fidelity"
     elif a.quick:

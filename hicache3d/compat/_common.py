@@ -12,7 +12,7 @@ from ..tree import flatten, unflatten
 
 # the seed's conventions: automatic rank cut 1e-4 on the fitted snapshots' singular values,
 # amplitudes of the newest snapshot, forecast Phi Lambda^k b (no residual), no clamping
-SEED_FIT = dict(rank_tol=1e-4, pod_tol=1e-13, clamp=False, keep_residual=False)
+SEED_FIT = dict(rank_tol=1e-4, pod_tol=1e-13, clamp=False, keep_residual=False, select=False)
 
 
 def gram(snapshots: Sequence[Any]) -> np.ndarray:

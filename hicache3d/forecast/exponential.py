@@ -27,7 +27,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["FitError", "ExpFit", "fit_exponential", "is_uniform", "uniform_runs"]
+__all__ = ["FitError", "ExpFit", "backcast_error", "fit_exponential", "fit_exponential_batch", "is_uniform", "uniform_runs",
+           "uniform_tail_length"]
 
 _ZERO_RATE = -700.0   # rate standing in for a zero eigenvalue (per unit spacing)
 
@@ -52,6 +53,8 @@ class ExpFit:
     method: str           # "uniform" | "irregular"
     clamped: int          # modes clamped to neutral
     rank: int
+    backcast: Optional[float] = None   # error of the selected (window, rank) on the newest
+                                       # snapshot when fitted without it (None: not scored)
 
     def weights(self, tq: float) -> np.ndarray:
         tau = float(tq) - self.t_new
@@ -132,110 +135,110 @@ def _rates(lam: np.ndarray, spacing: float) -> np.ndarray:
     return np.where(small, _ZERO_RATE / abs(spacing), mu)
 
 
-def _varpro(Y: np.ndarray, t: np.ndarray, mu0: np.ndarray, iters: int = 25) -> Tuple[np.ndarray, np.ndarray, float]:
-    """Levenberg-Marquardt on the variable-projection residual ``Y - B(mu) E(mu)``.
+def _vp_residual(Y: np.ndarray, tr: np.ndarray, p: np.ndarray):
+    """Variable-projection residuals of a stack of problems: ``Y [P, r, n]`` (zero rows
+    pad the smaller ones), rates ``p [P, 2K]`` (real parts, then imaginary parts).
 
-    Returns ``(mu, B, relative residual)``; ``B`` holds the amplitudes at ``t[-1]``."""
-    scale = float(np.median(np.abs(np.diff(t)))) or 1.0
-    tr = (t - t[-1]) / scale
-    K = len(mu0)
-    ynorm = float(np.linalg.norm(Y)) or 1.0
+    Returns ``(residual [P, 2 r n], amplitudes B [P, r, K])``; a problem whose
+    exponentials overflow gets an infinite residual."""
+    K = p.shape[1] // 2
+    mu = p[:, :K] + 1j * p[:, K:]
+    with np.errstate(over="ignore", invalid="ignore"):
+        E = np.exp(mu[:, :, None] * tr[None, None, :])                  # [P, K, n]
+    bad = ~np.all(np.isfinite(E.reshape(len(p), -1)), axis=1)
+    if bad.any():
+        E = np.where(bad[:, None, None], 0.0, E)
+    # amplitudes by least squares, stable (QR of E^T, no normal equations)
+    Q, R = np.linalg.qr(np.swapaxes(E, 1, 2))                          # [P, n, K], [P, K, K]
+    diag = np.abs(np.diagonal(R, axis1=1, axis2=2))
+    tiny = diag <= 1e-14 * np.maximum(diag.max(axis=1, keepdims=True), 1e-300)
+    R = R + np.where(tiny, 1e-14, 0.0)[:, :, None] * np.eye(K)[None]
+    Bt = np.linalg.solve(R, np.conj(np.swapaxes(Q, 1, 2)) @ np.swapaxes(Y, 1, 2))  # [P, K, r]
+    B = np.swapaxes(Bt, 1, 2)
+    Res = Y - B @ E
+    out = np.concatenate([Res.real.reshape(len(p), -1), Res.imag.reshape(len(p), -1)], axis=1)
+    out[bad] = np.inf
+    return out, B
 
-    def solve(p: np.ndarray):
-        mu = p[:K] + 1j * p[K:]
-        with np.errstate(over="ignore", invalid="ignore"):
-            E = np.exp(np.outer(mu, tr))                     # [K, n]
-        if not np.all(np.isfinite(E)):
-            return None, None, np.inf
-        Bt, *_ = np.linalg.lstsq(E.T, Y.T.astype(np.complex128), rcond=None)
-        R = Y - Bt.T @ E
-        return mu, Bt.T, np.concatenate([R.real.ravel(), R.imag.ravel()]) / ynorm
 
-    p = np.concatenate([mu0.real, mu0.imag]) * scale
+def _varpro_batch(Y: np.ndarray, tr: np.ndarray, mu0: np.ndarray, iters: int = 25):
+    """Levenberg-Marquardt on the variable-projection residual ``Y - B(mu) E(mu)`` for a
+    stack of problems with the same positions ``tr`` (scaled, newest at 0) and number of
+    rates: ``Y [P, r, n]``, ``mu0 [P, K]``.  Every problem keeps its own damping and
+    stops on its own.  Returns ``(mu [P, K], B [P, r, K], relative residual [P])``."""
+    P, K = mu0.shape
+    ynorm = np.sqrt(np.sum(Y * Y, axis=(1, 2)))
+    ynorm = np.where(ynorm > 0, ynorm, 1.0)
+    p = np.concatenate([mu0.real, mu0.imag], axis=1)
     p = np.clip(np.nan_to_num(p, nan=0.0, posinf=50.0, neginf=-50.0), -50.0, 50.0)
-    mu, B, r = solve(p)
-    if B is None:
-        raise FitError("varpro_overflow")
-    f = float(r @ r)
-    damp = 1e-3
+
+    def resid(q):
+        r, B = _vp_residual(Y, tr, q)
+        return r / ynorm[:, None], B
+
+    r, B = resid(p)
+    f = np.sum(r * r, axis=1)
+    damp = np.full(P, 1e-3)
+    active = np.isfinite(f) & (f >= 1e-30)
+    eye = np.eye(2 * K)[None]
     for _ in range(iters):
-        if f < 1e-30:
+        if not active.any():
             break
-        J = np.empty((len(r), len(p)))
-        for k in range(len(p)):
-            h = 1e-7 * max(1.0, abs(p[k]))
-            pk = p.copy()
-            pk[k] += h
-            rk = solve(pk)[2]
-            if not np.all(np.isfinite(rk)):
-                rk = r
-            J[:, k] = (rk - r) / h
-        JtJ, Jtr = J.T @ J, J.T @ r
-        improved = False
-        for _ in range(8):
-            A = JtJ + damp * (np.diag(np.diag(JtJ)) + 1e-12 * np.eye(len(p)))
-            try:
-                step = -np.linalg.solve(A, Jtr)
-            except np.linalg.LinAlgError:
-                damp *= 10
-                continue
-            pn = np.clip(p + step, -50.0, 50.0)
-            mun, Bn, rn = solve(pn)
-            fn = float(rn @ rn) if Bn is not None else np.inf
-            if fn < f:
-                rel_gain = (f - fn) / max(f, 1e-300)
-                p, mu, B, r, f = pn, mun, Bn, rn, fn
-                damp = max(damp / 3.0, 1e-12)
-                improved = True
+        idx = np.nonzero(active)[0]
+        pa, ra = p[idx], r[idx]
+        h = 1e-7 * np.maximum(1.0, np.abs(pa))                             # [A, 2K]
+        J = np.empty(ra.shape + (2 * K,))
+        for k in range(2 * K):
+            q = pa.copy()
+            q[:, k] += h[:, k]
+            rk = _vp_residual(Y[idx], tr, q)[0] / ynorm[idx, None]
+            rk = np.where(np.isfinite(rk), rk, ra)
+            J[:, :, k] = (rk - ra) / h[:, k:k + 1]
+        JtJ = np.swapaxes(J, 1, 2) @ J
+        Jtr = np.einsum("amk,am->ak", J, ra)
+        dg = np.diagonal(JtJ, axis1=1, axis2=2)
+        pending = np.ones(len(idx), dtype=bool)
+        gain = np.zeros(len(idx))
+        da = damp[idx]
+        for _try in range(8):
+            if not pending.any():
                 break
-            damp *= 10.0
-        if not improved or rel_gain < 1e-8:
-            break
-    return mu / scale, B, float(np.sqrt(f))
+            A = JtJ + da[:, None, None] * (dg[:, :, None] * eye + 1e-12 * eye)
+            try:
+                step = -np.linalg.solve(A, Jtr[:, :, None])[:, :, 0]
+            except np.linalg.LinAlgError:
+                step = np.zeros_like(pa)
+                for j in range(len(idx)):
+                    try:
+                        step[j] = -np.linalg.solve(A[j], Jtr[j])
+                    except np.linalg.LinAlgError:
+                        step[j] = 0.0
+            pn = np.clip(pa + step, -50.0, 50.0)
+            rn, Bn = _vp_residual(Y[idx], tr, pn)
+            rn = rn / ynorm[idx, None]
+            fn = np.sum(rn * rn, axis=1)
+            fa = f[idx]
+            ok = pending & np.isfinite(fn) & (fn < fa)
+            if ok.any():
+                j = idx[ok]
+                gain[ok] = (fa[ok] - fn[ok]) / np.maximum(fa[ok], 1e-300)
+                p[j], r[j], B[j], f[j] = pn[ok], rn[ok], Bn[ok], fn[ok]
+                pa[ok] = pn[ok]
+                da[ok] = np.maximum(da[ok] / 3.0, 1e-12)
+            da[pending & ~ok] *= 10.0
+            pending &= ~ok
+        damp[idx] = da
+        # stop: no improvement in 8 tries, a negligible gain, or an exact fit
+        active[idx] = ~pending & (gain >= 1e-8) & (f[idx] >= 1e-30)
+    scale_p = p[:, :K] + 1j * p[:, K:]
+    return scale_p, B, np.sqrt(f)
 
 
-def fit_exponential(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_tol: float = 1e-4,
-                    gram_eps: float = 2.2e-16, clamp: bool = True, keep_residual: bool = True,
-                    min_snapshots: int = 3, refine: bool = True,
-                    pod_tol: Optional[float] = None) -> ExpFit:
-    """Fit the exponential model to the snapshots behind Gram matrix ``G`` at positions ``t``."""
-    t = np.asarray(t, dtype=np.float64)
-    n = len(t)
-    if n < max(2, min_snapshots):
-        raise FitError("insufficient_history")
-    tol = max(rank_tol, 4.0 * np.sqrt(gram_eps))
-    Y, coef, _ = _pod(np.asarray(G, dtype=np.float64), tol if pod_tol is None else pod_tol, None)
-    r = Y.shape[0]
-    direction = np.sign(t[-1] - t[-2]) or 1.0
-    if is_uniform(t):
-        lam, modes = _exact_dmd(Y, tol, rank)
-        rates = _rates(lam, t[1] - t[0])
-        method = "uniform"
-    else:
-        # start from the rates of every equally spaced run (the warm-up steps give the
-        # fine spacing, the cache cadence the coarse one), merged without duplicates
-        mu0 = []
-        for a, b in uniform_runs(t):
-            lam0, _ = _exact_dmd(Y[:, a:b], tol, rank)
-            for m in _rates(lam0, t[a + 1] - t[a]):
-                if all(abs(m - q) > 1e-6 * (1 + abs(q)) for q in mu0):
-                    mu0.append(m)
-        if not mu0:
-            # no equally spaced run: treat the sequence as equally spaced for the start
-            lam0, _ = _exact_dmd(Y, tol, rank)
-            mu0 = list(_rates(lam0, (t[-1] - t[0]) / (n - 1)))
-        mu0 = np.asarray(mu0[:max(1, min(n - 1, r if not rank else rank))], dtype=np.complex128)
-        mu0 = np.maximum(mu0.real, _ZERO_RATE / 2) + 1j * mu0.imag
-        if refine:
-            rates, modes, _ = _varpro(Y, t, mu0)
-        else:
-            rates = mu0
-            E = np.exp(np.outer(rates, (t - t[-1])))
-            Bt, *_ = np.linalg.lstsq(E.T, Y.T.astype(np.complex128), rcond=None)
-            modes = Bt.T
-        method = "irregular"
+def _finish(t: np.ndarray, Y: np.ndarray, coef: np.ndarray, rates: np.ndarray, modes: np.ndarray,
+            method: str, clamp: bool, keep_residual: bool) -> ExpFit:
     if not (np.all(np.isfinite(rates)) and np.all(np.isfinite(modes))):
         raise FitError("nonfinite_fit")
+    direction = np.sign(t[-1] - t[-2]) or 1.0
     clamped = 0
     if clamp:
         grow = rates.real * direction > 1e-9
@@ -248,3 +251,222 @@ def fit_exponential(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_tol: fl
     return ExpFit(coef=coef, y_new=y_new, modes=modes, amps=amps, rates=rates,
                   t_new=float(t[-1]), keep_residual=keep_residual, method=method,
                   clamped=clamped, rank=len(rates))
+
+
+def _fit_windows(problems: list, *, tol: float, pod_tol: Optional[float], clamp: bool,
+                 keep_residual: bool, refine: bool) -> list:
+    """Exponential fits of many windows ``(t, G, rank)`` (rank 0: the POD noise floor
+    decides), as ``ExpFit`` or ``FitError`` each.  Equally spaced windows: exact DMD;
+    irregular ones: variable projection, every start of every window with the same
+    positions and number of rates in one batched Levenberg-Marquardt."""
+    out: list = [None] * len(problems)
+    groups: dict = {}
+    for j, (t, G, rank) in enumerate(problems):
+        try:
+            Y, coef, _ = _pod(np.asarray(G, dtype=np.float64), tol if pod_tol is None else pod_tol, None)
+            r = Y.shape[0]
+            if is_uniform(t):
+                lam, modes = _exact_dmd(Y, tol, rank)
+                out[j] = _finish(t, Y, coef, _rates(lam, t[1] - t[0]), modes, "uniform",
+                                 clamp, keep_residual)
+                continue
+            want = max(1, min(len(t) - 1, r if not rank else min(rank, r)))
+            starts = _starts(Y, t, tol, want)
+            if not refine:
+                rates = starts[0]
+                E = np.exp(np.outer(rates, (t - t[-1])))
+                Bt, *_ = np.linalg.lstsq(E.T, Y.T.astype(np.complex128), rcond=None)
+                out[j] = _finish(t, Y, coef, rates, Bt.T, "irregular", clamp, keep_residual)
+                continue
+            groups.setdefault((t.tobytes(), want), []).append((j, t, Y, coef, starts))
+        except (FitError, np.linalg.LinAlgError, ValueError) as e:
+            out[j] = e if isinstance(e, FitError) else FitError("linalg_error")
+    for (_, want), members in groups.items():
+        t = members[0][1]
+        scale = float(np.median(np.abs(np.diff(t)))) or 1.0
+        rmax = max(m[2].shape[0] for m in members)
+        owner, Ys, mu0 = [], [], []
+        for k, (j, _, Y, _, starts) in enumerate(members):
+            Yp = np.zeros((rmax, len(t)))
+            Yp[:Y.shape[0]] = Y
+            for st in starts:
+                owner.append(k)
+                Ys.append(Yp)
+                mu0.append(st * scale)
+        try:
+            mu, B, res = _varpro_batch(np.stack(Ys), (t - t[-1]) / scale, np.stack(mu0))
+        except (np.linalg.LinAlgError, ValueError):
+            for j, *_ in members:
+                out[j] = FitError("linalg_error")
+            continue
+        best: dict = {}
+        for q, k in enumerate(owner):
+            if np.isfinite(res[q]) and (k not in best or res[q] < res[best[k]]):
+                best[k] = q
+        for k, (j, _, Y, coef, _) in enumerate(members):
+            if k not in best:
+                out[j] = FitError("varpro_overflow")
+                continue
+            q = best[k]
+            try:
+                out[j] = _finish(t, Y, coef, mu[q] / scale, B[q][:Y.shape[0]], "irregular",
+                                 clamp, keep_residual)
+            except (FitError, np.linalg.LinAlgError) as e:
+                out[j] = e if isinstance(e, FitError) else FitError("linalg_error")
+    return out
+
+
+def _fit_window(t: np.ndarray, G: np.ndarray, *, rank: int, **opts) -> ExpFit:
+    """The exponential fit of every snapshot of one window (see :func:`_fit_windows`)."""
+    fit = _fit_windows([(t, G, rank)], **opts)[0]
+    if isinstance(fit, FitError):
+        raise fit
+    return fit
+
+
+def _starts(Y: np.ndarray, t: np.ndarray, tol: float, want: int) -> list:
+    """Starting rates for variable projection on an irregular window, ``want`` each.
+
+    First the rates of every equally spaced run (the warm-up steps give the fine
+    spacing, the cache cadence the coarse one), merged without duplicates; where these
+    are fewer than ``want`` (a short run cannot show every mode the whole window holds),
+    the missing ones are filled from exact DMD of the whole window taken as equally
+    spaced, and from a few real decay rates; each filling is one start."""
+    n = len(t)
+    base = []
+    for a, b in uniform_runs(t):
+        lam0, _ = _exact_dmd(Y[:, a:b], tol, want)
+        for m in _rates(lam0, t[a + 1] - t[a]):
+            if all(abs(m - q) > 1e-6 * (1 + abs(q)) for q in base):
+                base.append(m)
+    spacing = (t[-1] - t[0]) / (n - 1)
+    lam_u, _ = _exact_dmd(Y, tol, want)
+    pseudo = list(_rates(lam_u, spacing))
+    scale = float(np.median(np.abs(np.diff(t)))) or 1.0
+    fills = [pseudo] + [[complex(-c / scale * np.sign(spacing))] * want for c in (0.05, 0.3, 1.0)]
+    starts = []
+    for fill in fills:
+        mu = list(base[:want])
+        for m in fill:
+            if len(mu) >= want:
+                break
+            mu.append(m if all(abs(m - q) > 1e-6 * (1 + abs(q)) for q in mu) else m * 1.3 - 0.01)
+        mu = np.asarray(mu[:want], dtype=np.complex128)
+        mu = np.maximum(mu.real, _ZERO_RATE / 2) + 1j * mu.imag
+        starts.append(mu)
+        if len(base) >= want:
+            break                   # the runs show every mode: one start
+    return starts
+
+
+def _pad(fit: ExpFit, before: int) -> ExpFit:
+    """The fit of a window that leaves out the ``before`` oldest snapshots, as weights
+    over the whole history (zero on the left-out ones)."""
+    if before:
+        fit.coef = np.vstack([np.zeros((before, fit.coef.shape[1])), fit.coef])
+    return fit
+
+
+def backcast_error(fit: ExpFit, t: np.ndarray, G: np.ndarray, h: int, start: int = 0) -> float:
+    """Relative error of ``fit`` (made on snapshots ``start .. h-1``) forecasting snapshot
+    ``h``, from the Gram matrix (no pass over the data)."""
+    w = fit.weights(t[h])
+    Gh = G[start:h, start:h]
+    e2 = float(w @ Gh @ w - 2.0 * w @ G[start:h, h] + G[h, h])
+    return float(np.sqrt(max(e2, 0.0) / max(G[h, h], 1e-300)))
+
+
+def fit_exponential(t: np.ndarray, G: np.ndarray, **options) -> ExpFit:
+    """Fit the exponential model to the snapshots behind Gram matrix ``G`` at positions
+    ``t`` (see :func:`fit_exponential_batch` for the options); raises :class:`FitError`."""
+    fit = fit_exponential_batch(t, np.asarray(G, dtype=np.float64)[None], **options)[0]
+    if isinstance(fit, FitError):
+        raise fit
+    return fit
+
+
+def fit_exponential_batch(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_tol: float = 1e-4,
+                          gram_eps: float = 2.2e-16, clamp: bool = True, keep_residual: bool = True,
+                          min_snapshots: int = 3, refine: bool = True,
+                          pod_tol: Optional[float] = None, select: bool = True) -> list:
+    """Exponential fits of every batch item: ``G [items, n, n]``, snapshots at the shared
+    positions ``t``; one ``ExpFit`` or ``FitError`` per item.  The items are fitted
+    together (one batched variable projection per window and rank), each on its own data.
+
+    ``rank=0`` chooses the number of modes, and the window, from the data (``select``):
+
+    * snapshots that span one dimension fewer than their count (the POD noise floor, set
+      by ``rank_tol`` and the data's precision ``gram_eps``) determine their modes, and
+      no snapshot is left to test a fit: the fit of every mode above the floor is used
+      as is (exact on signals of that many modes);
+    * otherwise every rank from 1 to ``n - 2`` is fitted on all but the newest snapshot
+      and scored by how well it forecasts that one (a held-out backcast, from the Gram
+      matrix); when the history ends in an equally spaced run of at least 4 snapshots
+      that does not reach its oldest one (the warm-up steps followed by the cache
+      cadence), that run is scored as a window of its own next to the whole history.
+      The best (window, rank) is refitted on all of its snapshots.  Modes beyond it fit
+      noise and the changing dynamics of a trained sampler, not its trend.
+
+    ``select=False`` (or ``rank > 0``) fits the whole window with the noise-floor rank
+    (at most ``rank``) without scoring.
+    """
+    t = np.asarray(t, dtype=np.float64)
+    G = np.asarray(G, dtype=np.float64)
+    items, n = G.shape[0], len(t)
+    if n < max(2, min_snapshots):
+        return [FitError("insufficient_history") for _ in range(items)]
+    tol = max(rank_tol, 4.0 * np.sqrt(gram_eps))
+    opts = dict(tol=tol, pod_tol=pod_tol, clamp=clamp, keep_residual=keep_residual, refine=refine)
+    if rank or not select:
+        return _fit_windows([(t, G[i], rank) for i in range(items)], **opts)
+    ptol = tol if pod_tol is None else pod_tol
+    out: list = [None] * items
+    direct, trials = [], []
+    m = uniform_tail_length(t)
+    starts = [0] + ([n - m] if 4 <= m < n else [])
+    for i in range(items):
+        try:
+            r = _pod(G[i], ptol, None)[0].shape[0]
+        except (FitError, np.linalg.LinAlgError) as e:
+            out[i] = e if isinstance(e, FitError) else FitError("linalg_error")
+            continue
+        if r == n - 1:
+            direct.append(i)            # determined, nothing left to test it
+            continue
+        for a in starts:
+            try:
+                ra = _pod(G[i, a:n - 1, a:n - 1], ptol, None)[0].shape[0]
+            except (FitError, np.linalg.LinAlgError):
+                continue
+            trials += [(i, a, K) for K in range(1, min(ra, n - a - 2) + 1)]
+    for i, f in zip(direct, _fit_windows([(t, G[i], 0) for i in direct], **opts)):
+        out[i] = f
+    fits = _fit_windows([(t[a:n - 1], G[i, a:n - 1, a:n - 1], K) for i, a, K in trials], **opts)
+    best: dict = {}
+    for (i, a, K), f in zip(trials, fits):
+        if isinstance(f, FitError):
+            continue
+        with np.errstate(all="ignore"):
+            err = backcast_error(f, t[a:], G[i, a:, a:], n - a - 1)
+        if np.isfinite(err) and (i not in best or err < best[i][0]):
+            best[i] = (err, a, K)
+    chosen = sorted(best.items())
+    finals = _fit_windows([(t[a:], G[i, a:, a:], K) for i, (_, a, K) in chosen], **opts)
+    for (i, (err, a, _)), f in zip(chosen, finals):
+        if not isinstance(f, FitError):
+            f = _pad(f, a)
+            f.backcast = err
+        out[i] = f
+    return [f if f is not None else FitError("undetermined") for f in out]
+
+
+def uniform_tail_length(t: np.ndarray, rtol: float = 1e-6) -> int:
+    """How many of the newest snapshots are equally spaced (>= 2 when there are 2)."""
+    n = len(t)
+    if n < 3:
+        return n
+    d = np.diff(t)
+    k = 1
+    while k < len(d) and abs(d[-k - 1] - d[-1]) <= rtol * abs(d[-1]):
+        k += 1
+    return k + 1

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .exponential import FitError, fit_exponential
+from .exponential import FitError, fit_exponential, fit_exponential_batch
 from .polynomial import hermite_weights, lagrange_weights, reuse_weights, taylorseer_weights
 from .store import PushResult, SnapshotStore
 
@@ -183,6 +183,15 @@ class Forecaster:
         if fits is None:
             fits = [None] * self.store.items
             self._fits[key] = fits
+        if fits[item] is None and spec.name == "dmd":
+            # every item of the window at once: one batched fit
+            s = spec.undamped()
+            todo = [i for i in range(self.store.items) if fits[i] is None]
+            res = fit_exponential_batch(
+                t[:n], G[todo, :n, :n], rank=s.rank, rank_tol=s.rank_tol,
+                gram_eps=self.store.gram_eps, clamp=s.clamp, min_snapshots=s.min_snapshots)
+            for i, f in zip(todo, res):
+                fits[i] = f if isinstance(f, FitError) else _Fit(s, t[:n], f)
         if fits[item] is None:
             try:
                 fits[item] = fit_basis(spec.undamped(), t[:n], G[item, :n, :n], self.store.gram_eps)

@@ -1,0 +1,154 @@
+"""What the forecast fits cost, measured side by side in one run.
+
+1. Wall clock on the bundled generator (a batch of held-out shapes, fixed cadence): for
+   every basis, the uncached run and the cached run alternate ``--repeats`` times; the
+   report gives the forward ratio (uncached / cached network forwards, exact), the
+   wall-clock speed-up (median uncached time / median cached time) and their quotient
+   (1.0: the forecasts cost nothing), plus the seconds the cache spent forecasting.
+2. Steady-state forecast cost at d = 2^22 (``--dim``), the way a sampler calls: push a
+   snapshot, then ``k`` predictions at horizons never asked before; the time per
+   prediction against one weighted sum over the same history (``torch`` GEMV).
+
+    python scripts/bench_fits.py                      # batch 32, 25 steps, interval 4
+    python scripts/bench_fits.py --batch 8 --repeats 1 --skip-cost   # a quick look
+
+Writes ``benchmarks/fits.{json,md}`` (``--out`` to change).
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BASES = ["reuse", "taylor", "hermite", "dmd", "auto"]
+
+
+def wall_clock(bases, batch, steps, interval, repeats, say):
+    import hicache3d
+    from hicache3d.bench import _conditions
+    from hicache3d.bundled.generator import BundledGenerator
+    gen = BundledGenerator.from_pretrained()
+    cond, _, _ = _conditions(None, batch)
+    gen(cond[:1], steps=2)                                          # warm-up, untimed
+    rows = []
+    for b in bases:
+        un, ca, fc_s = [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ref = gen(cond, steps=steps, seed=0)
+            un.append(time.perf_counter() - t0)
+            with hicache3d.accelerate(gen, "bundled", backend=b, schedule="fixed", interval=interval,
+                                      first_enhance=3) as run:
+                t0 = time.perf_counter()
+                out = gen(cond, steps=steps, seed=0)
+                ca.append(time.perf_counter() - t0)
+            fc_s.append(run.stats["sites"]["sparse_structure"]["forecast_time_s"])
+        fr = ref.network_forwards / out.network_forwards
+        sp = statistics.median(un) / statistics.median(ca)
+        rows.append({"backend": b, "forward_ratio": fr, "speedup": sp, "efficiency": sp / fr,
+                     "uncached_s": un, "cached_s": ca, "forecast_s": statistics.median(fc_s)})
+        say(f"{b:8s}: {fr:.2f}x fewer forwards, {sp:.2f}x faster ({sp / fr:.2f} of the forward "
+            f"ratio), forecasting {statistics.median(fc_s):.2f} s of {statistics.median(ca):.2f} s")
+    return rows
+
+
+def forecast_cost(bases, dim, history, k, windows, say):
+    from hicache3d.forecast import make_forecaster
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, dim, generator=g)
+    rates = torch.tensor([-0.05, -0.2, -0.5, -1.0])
+    snap = lambda t: ((A * torch.exp(rates * t)[:, None]).sum(0)  # noqa: E731
+                      + 1e-3 * torch.randn(dim, generator=g)).reshape(1, dim)
+    H = torch.randn(history, dim, generator=g)
+    w = torch.randn(1, history, dtype=torch.float32)
+    rows = []
+    for b in bases:
+        fc = make_forecaster(b, history=history)
+        t = 0.0
+        for _ in range(history):
+            fc.push(t, snap(t))
+            t += 4.0
+        fc.predict(t)
+        per, ref = [], []
+        for wdx in range(windows):
+            fc.push(t, snap(t))
+            t0 = time.perf_counter()
+            for j in range(k):
+                fc.predict(t + 0.37 + j + 0.011 * wdx)               # a new horizon every call
+            per.append((time.perf_counter() - t0) / k)
+            t0 = time.perf_counter()
+            for _ in range(k):
+                w @ H                                                # one weighted sum
+            ref.append((time.perf_counter() - t0) / k)
+            t += 4.0
+        p, r = statistics.median(per), statistics.median(ref)
+        rows.append({"backend": b, "predict_ms": 1e3 * p, "weighted_sum_ms": 1e3 * r, "ratio": p / r})
+        say(f"{b:8s}: {1e3 * p:.2f} ms per prediction, one weighted sum {1e3 * r:.2f} ms: {p / r:.2f}x")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bases", default=",".join(BASES))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--interval", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=1 << 22)
+    ap.add_argument("--history", type=int, default=6)
+    ap.add_argument("--k", type=int, default=3, help="predictions per pushed snapshot")
+    ap.add_argument("--windows", type=int, default=5)
+    ap.add_argument("--skip-wall", action="store_true")
+    ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    bases = [b.strip() for b in a.bases.split(",") if b.strip()]
+    bad = [b for b in bases if b not in BASES]
+    if bad:
+        ap.error(f"unknown basis {', '.join(bad)}; choose from {', '.join(BASES)}")
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    from hicache3d.bench import _atomic_write
+    res = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
+    if not a.skip_wall:
+        res["wall_clock"] = wall_clock(bases, a.batch, a.steps, a.interval, a.repeats, say)
+    if not a.skip_cost:
+        res["forecast_cost"] = forecast_cost(bases, a.dim, a.history, a.k, a.windows, say)
+    a.out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(a.out / "fits.json", json.dumps(res, indent=1) + "\n")
+    md = ["# What the forecast fits cost", "", "Written by `scripts/bench_fits.py` "
+          f"({a.threads} CPU threads).", ""]
+    if "wall_clock" in res:
+        md += [f"## Wall clock, bundled generator: batch {a.batch}, {a.steps} steps, interval "
+               f"{a.interval}, first_enhance 3", "",
+               f"Uncached and cached runs alternate ({a.repeats} each, medians). `of fwd ratio` = "
+               "speed-up / forward ratio (target >= 0.9).", "",
+               "| basis | fewer forwards | faster | of fwd ratio | forecasting s | cached run s |",
+               "|---|---|---|---|---|---|"]
+        for r in res["wall_clock"]:
+            md.append(f"| {r['backend']} | {r['forward_ratio']:.2f}x | {r['speedup']:.2f}x | "
+                      f"{r['efficiency']:.2f} | {r['forecast_s']:.2f} | {statistics.median(r['cached_s']):.2f} |")
+        md.append("")
+    if "forecast_cost" in res:
+        md += [f"## Steady-state forecast cost, d = {a.dim}, history {a.history}, float32, one item", "",
+               f"Per window: push one snapshot, then {a.k} predictions at horizons never asked "
+               f"before (medians over {a.windows} windows; the Gram update of the pushed snapshot, made at the first prediction, included); against one weighted sum over the same "
+               "history (target <= 1.5x).", "",
+               "| basis | ms per prediction | one weighted sum ms | ratio |", "|---|---|---|---|"]
+        for r in res["forecast_cost"]:
+            md.append(f"| {r['backend']} | {r['predict_ms']:.2f} | {r['weighted_sum_ms']:.2f} | {r['ratio']:.2f}x |")
+        md.append("")
+    _atomic_write(a.out / "fits.md", "\n".join(md))
+    print("wrote", a.out / "fits.md")
+
+
+if __name__ == "__main__":
+    main()
