@@ -86,7 +86,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import hicache3d
-    from hicache3d.bench import _atomic_write, _conditions, _scores
+    from hicache3d.bench import _atomic_write, held_out, occupancy_scores
     from hicache3d.bundled.generator import BundledGenerator
     extra = {}
     for kv in filter(None, a.extra.split(",")):
@@ -97,7 +97,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     gen = BundledGenerator.from_pretrained()
-    cond, _, shape_names = _conditions(None, a.shapes)
+    cond, _, shape_names = held_out(a.shapes)
     cells = [tuple(int(x) for x in c.split("x")) for c in a.cells.split(",")]
     rows = []
     for S, iv in cells:
@@ -113,7 +113,7 @@ def main() -> None:
                     out = gen(cond, steps=S, seed=0)
                 fwd = out.network_forwards
             dt = time.perf_counter() - t0
-            iou = _scores(out.occupancy, ref.occupancy)["iou"]
+            iou = occupancy_scores(out.occupancy, ref.occupancy)["iou"]
             rows.append({"steps": S, "interval": iv, "variant": name, "iou_mean": float(np.mean(iou)),
                          "iou_min": float(np.min(iou)), "network_forwards": int(fwd), "seconds": dt})
             print(f"{S} steps interval {iv} {name:15s}: IoU {np.mean(iou):.4f} (min {np.min(iou):.4f}), "

@@ -32,10 +32,10 @@ BASES = ["reuse", "taylor", "hermite", "dmd", "auto"]
 
 def wall_clock(bases, batch, steps, interval, repeats, say):
     import hicache3d
-    from hicache3d.bench import _conditions
+    from hicache3d.bench import held_out
     from hicache3d.bundled.generator import BundledGenerator
     gen = BundledGenerator.from_pretrained()
-    cond, _, _ = _conditions(None, batch)
+    cond, _, _ = held_out(batch)
     gen(cond[:1], steps=2)                                          # warm-up, untimed
     rows = []
     for b in bases:
