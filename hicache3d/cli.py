@@ -10,6 +10,28 @@ import click
 from . import __version__
 
 
+def _backend_names():
+    """The bases registered now (:mod:`hicache3d.forecast.registry`), and ``auto``; imported
+    when first needed, so that ``--help`` of other commands stays light."""
+    from .forecast.registry import backend_names
+    return backend_names()
+
+
+class _BasisChoice(click.Choice):
+    """``--backend``: the bases registered when the command runs, and ``auto``."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self):
+        return _backend_names()
+
+    @choices.setter
+    def choices(self, value) -> None:
+        pass
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hicache3d")
 def main() -> None:
@@ -22,7 +44,7 @@ def main() -> None:
 
 @main.command("demo")
 @click.option("--backend", default="dmd", show_default=True,
-              type=click.Choice(["reuse", "taylor", "hermite", "dmd", "auto"]))
+              type=_BasisChoice())
 @click.option("--interval", default=3, show_default=True, type=click.IntRange(1, 100))
 @click.option("--steps", default=25, show_default=True, type=click.IntRange(2, 1000))
 def demo(backend: str, interval: int, steps: int) -> None:
@@ -84,7 +106,7 @@ def _parse_site_overrides(values):
     return out
 
 
-_BACKENDS = click.Choice(["reuse", "taylor", "hermite", "dmd", "auto"])
+_BACKENDS = _BasisChoice()
 _SCHEDULES = click.Choice(["fixed", "adaptive"])
 _TOLERANCE = click.FloatRange(0, None)
 _SCHEDULE_HELP = ("fixed: one computed step in --interval; adaptive: each computed step measures "
@@ -618,7 +640,7 @@ def bench_cmd(model, backends, intervals, steps, images, shapes, seed, out):
                                    f"settings on your own images with `hicache3d tune --model {model} "
                                    f"--images DIR`")
     bk = [b.strip() for b in backends.split(",") if b.strip()]
-    bad = [b for b in bk if b not in ("reuse", "taylor", "hermite", "dmd", "auto")]
+    bad = [b for b in bk if b not in _backend_names()]
     if bad or not bk:
         raise click.BadParameter(f"unknown backend(s) {', '.join(bad) or '(none)'}", param_hint="--backends")
     ivs, sts = _int_list(intervals), _int_list(steps)
@@ -723,7 +745,7 @@ def tune_cmd(model, images, weights, steps, seed, backends, schedules, intervals
     from .tune import tune
     from .tune_pipelines import TuneError, make_pipeline
     bk = [b.strip() for b in backends.split(",") if b.strip()]
-    bad = [b for b in bk if b not in ("reuse", "taylor", "hermite", "dmd", "auto")]
+    bad = [b for b in bk if b not in _backend_names()]
     if bad or not bk:
         raise click.BadParameter(f"unknown backend(s) {', '.join(bad) or '(none)'}", param_hint="--backends")
     sch = [s.strip() for s in schedules.split(",") if s.strip()]

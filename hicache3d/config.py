@@ -2,64 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from .forecast.registry import (DEFAULT_CANDIDATES, _check, _is_int, _is_num, default, min_history,
+                                validate_forecast_options)
 
 __all__ = ["CacheConfig", "validate_forecast_options", "min_history"]
-
-_BACKENDS = ("reuse", "taylor", "hermite", "dmd", "auto")
-_BASES = ("reuse", "taylor", "hermite", "dmd")
-
-
-def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
-    if not cond:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def validate_forecast_options(*, backend: str, history: int, order: int, sigma: float,
-                              damping: float, taylor_form: str, rank: int, rank_tol: float,
-                              fallback: str, candidates: Sequence[str],
-                              candidate_damping: Sequence[float], holdouts: int,
-                              **_other: Any) -> None:
-    _check(backend in _BACKENDS, "backend", f"one of {', '.join(_BACKENDS)}", backend)
-    _check(_is_int(history) and 1 <= history <= 64, "history", "an integer in [1, 64]", history)
-    _check(_is_int(order) and 0 <= order <= 8, "order", "an integer in [0, 8]", order)
-    _check(_is_num(sigma) and 0 < sigma <= 1, "sigma", "a number in (0, 1]", sigma)
-    _check(_is_num(damping) and 0 <= damping <= 1, "damping", "a number in [0, 1]", damping)
-    _check(taylor_form in ("newton", "taylorseer"), "taylor_form", "'newton' or 'taylorseer'", taylor_form)
-    _check(_is_int(rank) and 0 <= rank <= 64, "rank", "an integer in [0, 64] (0 = automatic)", rank)
-    _check(_is_num(rank_tol) and 0 < rank_tol < 1, "rank_tol", "a number in (0, 1)", rank_tol)
-    _check(fallback in ("reuse", "taylor", "hermite"), "fallback", "one of reuse, taylor, hermite", fallback)
-    _check(len(candidates) > 0 and all(c in _BASES for c in candidates), "candidates",
-           f"a non-empty list drawn from {', '.join(_BASES)}", candidates)
-    _check(len(candidate_damping) > 0 and all(_is_num(d) and 0 <= d <= 1 for d in candidate_damping),
-           "candidate_damping", "a non-empty list of numbers in [0, 1]", candidate_damping)
-    _check(_is_int(holdouts) and 1 <= holdouts <= 8, "holdouts", "an integer in [1, 8]", holdouts)
-    # a history too short for the basis would silently serve a fallback on every step
-    bases = list(candidates) if backend == "auto" else [backend]
-    for b in bases:
-        need, why = min_history(b, order)
-        if history < need:
-            what = f"backend {backend!r}" + (f" (candidate {b!r})" if backend == "auto" else "")
-            raise ValueError(f"history must be >= {need} for {what}: {why}; got history={history}")
-
-
-def min_history(basis: str, order: int = 1) -> Tuple[int, str]:
-    """Fewest snapshots ``basis`` needs to serve a forecast at all, and why."""
-    if basis == "dmd":
-        return 3, "an exponential fit needs at least 3 snapshots"
-    if basis in ("taylor", "hermite"):
-        return order + 1, f"order {order} needs {order + 1} snapshots"
-    return 1, ""
 
 
 @dataclass(frozen=True)
@@ -82,8 +31,8 @@ class CacheConfig:
     (e.g. ``[[0.5, 1.0, 2.0]]`` where two-forward guidance applies); the adaptive schedule
     then gives a window a budget in proportion to the cost of the computes it replaces.
 
-    Forecast: ``backend`` is the basis (``reuse`` | ``taylor`` | ``hermite`` | ``dmd`` |
-    ``auto``), fitted on the newest ``history`` computed velocities.  ``horizon`` measures
+    Forecast: ``backend`` is the basis (``reuse`` | ``taylor`` | ``hermite`` | ``dmd``, or
+    any other in :mod:`hicache3d.forecast.registry`; ``auto`` ranks the ``candidates``), fitted on the newest ``history`` computed velocities.  ``horizon`` measures
     forecast distance in step index (``"step"``) or in the sampler's own time (``"time"``).
     ``damping`` shrinks the extrapolated part of every forecast toward the last computed
     velocity (0: none, 1: plain reuse).  ``batch_dim`` is the axis of independent batch items
@@ -97,16 +46,16 @@ class CacheConfig:
     history: int = 6
     num_steps: Optional[int] = None
     horizon: str = "step"
-    order: int = 1
-    sigma: float = 0.5
-    damping: float = 0.0
-    taylor_form: str = "newton"
-    rank: int = 0
-    rank_tol: float = 1e-4
-    clamp: bool = True
+    order: int = default("order")
+    sigma: float = default("sigma")
+    damping: float = default("damping")
+    taylor_form: str = default("taylor_form")
+    rank: int = default("rank")
+    rank_tol: float = default("rank_tol")
+    clamp: bool = default("clamp")
     fallback: str = "hermite"
     batch_dim: Optional[int] = 0
-    candidates: Tuple[str, ...] = _BASES
+    candidates: Tuple[str, ...] = DEFAULT_CANDIDATES
     candidate_damping: Tuple[float, ...] = (0.0, 0.5)
     holdouts: int = 2
     schedule: str = "fixed"

@@ -15,14 +15,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .exponential import FitError, fit_exponential, fit_exponential_batch
-from .polynomial import hermite_weights, lagrange_weights, reuse_weights, taylorseer_weights
+from . import registry
+from .exponential import FitError
+from .registry import DEFAULT_CANDIDATES, default
 from .store import PushResult, SnapshotStore
 
 __all__ = ["BACKENDS", "BasisSpec", "Forecaster", "ForecastStats", "make_forecaster", "fit_basis"]
 
-BACKENDS = ("reuse", "taylor", "hermite", "dmd", "auto")
-_BASES = ("reuse", "taylor", "hermite", "dmd")
+BACKENDS = registry.backend_names()     # the built-in ones; registry.backend_names() is live
 _MAX_WEIGHT_L1 = 1e6     # weights beyond this are numerically meaningless
 _MAX_NORM_RATIO = 4.0    # a forecast this many times larger than every snapshot is a misfit
 
@@ -31,14 +31,14 @@ _MAX_NORM_RATIO = 4.0    # a forecast this many times larger than every snapshot
 class BasisSpec:
     """One concrete forecast basis with its parameters."""
 
-    name: str                      # reuse | taylor | hermite | dmd
-    order: int = 1                 # taylor / hermite order m
-    sigma: float = 0.5             # hermite contraction
-    damping: float = 0.0           # shrink the extrapolated part toward the newest value
-    taylor_form: str = "newton"    # "newton" (exact polynomial) | "taylorseer" (published)
-    rank: int = 0                  # dmd: 0 = automatic
-    rank_tol: float = 1e-4         # dmd: relative singular-value cut for the automatic rank
-    clamp: bool = True             # dmd: clamp growing modes to neutral
+    name: str                                  # a registered basis (forecast.registry)
+    order: int = default("order")              # taylor / hermite order m
+    sigma: float = default("sigma")            # hermite contraction
+    damping: float = default("damping")        # shrink the extrapolated part toward the newest value
+    taylor_form: str = default("taylor_form")  # "newton" (exact polynomial) | "taylorseer" (published)
+    rank: int = default("rank")                # dmd: 0 = automatic
+    rank_tol: float = default("rank_tol")      # dmd: relative singular-value cut for the automatic rank
+    clamp: bool = default("clamp")             # dmd: clamp growing modes to neutral
     min_snapshots: int = 3         # dmd: fewest snapshots to fit
 
     @property
@@ -52,28 +52,18 @@ class BasisSpec:
 class _Fit:
     """Horizon-independent part of a fitted basis; ``weights(tq)`` per query."""
 
-    def __init__(self, spec: BasisSpec, t: np.ndarray, exp_fit=None):
-        self.spec, self.t, self.exp_fit = spec, t, exp_fit
+    def __init__(self, spec: BasisSpec, t: np.ndarray, state=None):
+        self.spec, self.t, self.state = spec, t, state
 
     def weights(self, tq: float) -> np.ndarray:
-        s, t = self.spec, self.t
-        if s.name == "reuse":
-            return reuse_weights(t, tq)
-        if s.name == "taylor":
-            if s.taylor_form == "taylorseer":
-                return taylorseer_weights(t, tq, s.order)
-            return lagrange_weights(t, tq, s.order)
-        if s.name == "hermite":
-            return hermite_weights(t, tq, s.order, s.sigma)
-        return self.exp_fit.weights(tq)
+        return registry.get(self.spec.name).weights(self.spec, self.t, tq, self.state)
 
 
 def fit_basis(spec: BasisSpec, t: np.ndarray, G: np.ndarray, gram_eps: float = 2.2e-16) -> _Fit:
     """Fit ``spec`` (undamped) to snapshots at positions ``t`` with Gram ``G``."""
-    if spec.name == "dmd":
-        return _Fit(spec, t, fit_exponential(
-            t, G, rank=spec.rank, rank_tol=spec.rank_tol, gram_eps=gram_eps,
-            clamp=spec.clamp, min_snapshots=spec.min_snapshots))
+    basis = registry.get(spec.name)
+    if basis.fit is not None:
+        return _Fit(spec, t, basis.fit(spec, t, G, gram_eps))
     if len(t) < 1:
         raise FitError("insufficient_history")
     return _Fit(spec, t)
@@ -105,14 +95,14 @@ class ForecastStats:
 class Forecaster:
     """A history of velocity snapshots and a forecast basis (or ``auto`` selection)."""
 
-    def __init__(self, backend: str = "dmd", history: int = 6, *, order: int = 1,
-                 sigma: float = 0.5, damping: float = 0.0, taylor_form: str = "newton",
-                 rank: int = 0, rank_tol: float = 1e-4, clamp: bool = True,
+    def __init__(self, backend: str = "dmd", history: int = 6, *, order: int = default("order"),
+                 sigma: float = default("sigma"), damping: float = default("damping"),
+                 taylor_form: str = default("taylor_form"), rank: int = default("rank"),
+                 rank_tol: float = default("rank_tol"), clamp: bool = default("clamp"),
                  fallback: str = "hermite", batch_dim: Optional[int] = 0,
-                 candidates: Sequence[str] = _BASES, candidate_damping: Sequence[float] = (0.0, 0.5),
+                 candidates: Sequence[str] = DEFAULT_CANDIDATES, candidate_damping: Sequence[float] = (0.0, 0.5),
                  holdouts: int = 2):
-        from ..config import validate_forecast_options
-        validate_forecast_options(backend=backend, history=history, order=order, sigma=sigma,
+        registry.validate_forecast_options(backend=backend, history=history, order=order, sigma=sigma,
                                   damping=damping, taylor_form=taylor_form, rank=rank,
                                   rank_tol=rank_tol, fallback=fallback, candidates=candidates,
                                   candidate_damping=candidate_damping, holdouts=holdouts)
@@ -123,7 +113,7 @@ class Forecaster:
         if backend == "auto":
             specs = []
             for name in candidates:
-                for d in (candidate_damping if name != "reuse" else (0.0,)):
+                for d in (candidate_damping if registry.get(name).damped else (0.0,)):
                     specs.append(BasisSpec(name, damping=float(d), **base))
             self.candidates: List[BasisSpec] = list(dict.fromkeys(specs))
             self.primary = None
@@ -183,13 +173,12 @@ class Forecaster:
         if fits is None:
             fits = [None] * self.store.items
             self._fits[key] = fits
-        if fits[item] is None and spec.name == "dmd":
+        fit_batch = registry.get(spec.name).fit_batch
+        if fits[item] is None and fit_batch is not None:
             # every item of the window at once: one batched fit
             s = spec.undamped()
             todo = [i for i in range(self.store.items) if fits[i] is None]
-            res = fit_exponential_batch(
-                t[:n], G[todo, :n, :n], rank=s.rank, rank_tol=s.rank_tol,
-                gram_eps=self.store.gram_eps, clamp=s.clamp, min_snapshots=s.min_snapshots)
+            res = fit_batch(s, t[:n], G[todo, :n, :n], self.store.gram_eps)
             for i, f in zip(todo, res):
                 fits[i] = f if isinstance(f, FitError) else _Fit(s, t[:n], f)
         if fits[item] is None:
@@ -207,7 +196,7 @@ class Forecaster:
             w = _damp(fit.weights(tq), spec.damping)
         if not np.all(np.isfinite(w)) or np.abs(w).sum() > _MAX_WEIGHT_L1:
             raise FitError("nonfinite_weights")
-        if spec.name != "reuse":
+        if registry.get(spec.name).plausibility:
             # plausibility in Gram space (no pass over the data): |sum w_j V_j|^2 = w^T G w
             _, G = self._window()
             m = len(w)
@@ -274,8 +263,7 @@ class Forecaster:
                     W[item] = self._weights(spec, item, float(tq))
                     labels.append(spec.label)
                     fit = self._fit(spec, item)
-                    if spec.name == "dmd" and fit.exp_fit is not None:
-                        self.stats.clamped_modes += fit.exp_fit.clamped
+                    self.stats.clamped_modes += getattr(fit.state, "clamped", 0)
                     break
                 except FitError as e:
                     reasons.append(f"{spec.name}:{e.reason}")
@@ -324,7 +312,8 @@ class Forecaster:
 
 
 def make_forecaster(name: str = "dmd", history: int = 6, **options: Any) -> Forecaster:
-    """Build a forecaster: ``"reuse" | "taylor" | "hermite" | "dmd" | "auto"``.
+    """Build a forecaster: a registered basis (``"reuse" | "taylor" | "hermite" | "dmd"``,
+    see :mod:`hicache3d.forecast.registry`) or ``"auto"``.
 
     Options: ``order``, ``sigma``, ``damping``, ``taylor_form`` ("newton" | "taylorseer"),
     ``rank``, ``rank_tol``, ``clamp``, ``fallback``, ``batch_dim``, ``candidates``,
