@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .forecast.registry import (DEFAULT_CANDIDATES, _check, _is_int, _is_num, default, min_history,

@@ -7,11 +7,9 @@ across leaves; DMD is fitted on the whole tree (its Gram matrix is the sum of th
 from __future__ import annotations
 
 import math
-import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 
 from ..forecast.polynomial import physicists_hermite as _h_scalar
 from ..forecast.polynomial import scaled_hermite as _sh_scalar

@@ -226,7 +226,7 @@ class Forecaster:
                 Gh = G[item, :h, :h]
                 err2 = float(w @ Gh @ w - 2.0 * w @ G[item, :h, h] + G[item, h, h])
                 errs.append(np.sqrt(max(err2, 0.0) / max(G[item, h, h], 1e-300)))
-            if errs and len(errs) > 0 and (n - 1) >= 1:
+            if errs:
                 scores.append((float(np.mean(errs)), rank, spec))
         scores.sort(key=lambda s: (s[0], s[1]))
         ranked = [s[2] for s in scores]

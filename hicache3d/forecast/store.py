@@ -48,7 +48,6 @@ class _Leaf:
 @dataclass(frozen=True)
 class PushResult:
     restarted: Optional[str]          # why the history was restarted, or None
-    accepted: bool                    # False: snapshot was not finite and was dropped
 
 
 class SnapshotStore:
@@ -195,7 +194,7 @@ class SnapshotStore:
         self._times[slot] = float(position)
         self._pending.add(slot)
         self.version += 1
-        return PushResult(restarted=restarted, accepted=True)
+        return PushResult(restarted=restarted)
 
     def _free_slot(self) -> int:
         """The buffer slot of the next snapshot: a free one (never used, or freed by a
@@ -347,9 +346,3 @@ class SnapshotStore:
         moved = (shape[bd],) + tuple(s for i, s in enumerate(shape) if i != bd)
         out = rows.reshape(moved)
         return out if bd == 0 else out.movedim(0, bd).contiguous()
-
-    def newest(self) -> Any:
-        """A copy of the newest snapshot in its original structure."""
-        w = np.zeros((self.items, len(self._order)))
-        w[:, -1] = 1.0
-        return self.combine(w)
