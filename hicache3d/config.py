@@ -5,8 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from .forecast.registry import (DEFAULT_CANDIDATES, _check, _is_int, _is_num, default, min_history,
-                                validate_forecast_options)
+from .forecast.registry import (DEFAULT_BACKEND, DEFAULT_CANDIDATES, DEFAULT_FALLBACK, _check,
+                                _is_int, _is_num, default, min_history, validate_forecast_options)
 
 __all__ = ["CacheConfig", "validate_forecast_options", "min_history"]
 
@@ -32,14 +32,15 @@ class CacheConfig:
     then gives a window a budget in proportion to the cost of the computes it replaces.
 
     Forecast: ``backend`` is the basis (``reuse`` | ``taylor`` | ``hermite`` | ``dmd``, or
-    any other in :mod:`hicache3d.forecast.registry`; ``auto`` ranks the ``candidates``), fitted on the newest ``history`` computed velocities.  ``horizon`` measures
+    any other in :mod:`hicache3d.forecast.registry`; ``auto`` ranks the ``candidates``),
+    fitted on the newest ``history`` computed velocities.  ``horizon`` measures
     forecast distance in step index (``"step"``) or in the sampler's own time (``"time"``).
     ``damping`` shrinks the extrapolated part of every forecast toward the last computed
     velocity (0: none, 1: plain reuse).  ``batch_dim`` is the axis of independent batch items
     (each is fitted on its own); ``None`` fits the whole velocity as one item.
     """
 
-    backend: str = "dmd"
+    backend: str = DEFAULT_BACKEND
     interval: int = 5
     first_enhance: int = 3
     last_enhance: int = 0
@@ -53,7 +54,7 @@ class CacheConfig:
     rank: int = default("rank")
     rank_tol: float = default("rank_tol")
     clamp: bool = default("clamp")
-    fallback: str = "hermite"
+    fallback: str = DEFAULT_FALLBACK
     batch_dim: Optional[int] = 0
     candidates: Tuple[str, ...] = DEFAULT_CANDIDATES
     candidate_damping: Tuple[float, ...] = (0.0, 0.5)

@@ -51,6 +51,8 @@ def test_builtin_bases_are_the_registry():
     assert registry.backend_names() == ("reuse", "taylor", "hermite", "dmd", "auto")
     assert registry.fallback_names() == ("reuse", "taylor", "hermite")
     assert CacheConfig().candidates == registry.DEFAULT_CANDIDATES
+    assert (CacheConfig().backend, CacheConfig().fallback) == ("dmd", "hermite")
+    assert (registry.DEFAULT_BACKEND, registry.DEFAULT_FALLBACK) == ("dmd", "hermite")
     for name, p in registry.PARAMS.items():
         assert getattr(CacheConfig(), name) == p.default
         assert getattr(BasisSpec("taylor"), name) == p.default

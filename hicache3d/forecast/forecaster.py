@@ -17,7 +17,7 @@ import numpy as np
 
 from . import registry
 from .exponential import FitError
-from .registry import DEFAULT_CANDIDATES, default
+from .registry import DEFAULT_BACKEND, DEFAULT_CANDIDATES, DEFAULT_FALLBACK, default
 from .store import PushResult, SnapshotStore
 
 __all__ = ["BACKENDS", "BasisSpec", "Forecaster", "ForecastStats", "make_forecaster", "fit_basis"]
@@ -95,11 +95,11 @@ class ForecastStats:
 class Forecaster:
     """A history of velocity snapshots and a forecast basis (or ``auto`` selection)."""
 
-    def __init__(self, backend: str = "dmd", history: int = 6, *, order: int = default("order"),
+    def __init__(self, backend: str = DEFAULT_BACKEND, history: int = 6, *, order: int = default("order"),
                  sigma: float = default("sigma"), damping: float = default("damping"),
                  taylor_form: str = default("taylor_form"), rank: int = default("rank"),
                  rank_tol: float = default("rank_tol"), clamp: bool = default("clamp"),
-                 fallback: str = "hermite", batch_dim: Optional[int] = 0,
+                 fallback: str = DEFAULT_FALLBACK, batch_dim: Optional[int] = 0,
                  candidates: Sequence[str] = DEFAULT_CANDIDATES, candidate_damping: Sequence[float] = (0.0, 0.5),
                  holdouts: int = 2):
         registry.validate_forecast_options(backend=backend, history=history, order=order, sigma=sigma,
@@ -311,7 +311,7 @@ class Forecaster:
         return out
 
 
-def make_forecaster(name: str = "dmd", history: int = 6, **options: Any) -> Forecaster:
+def make_forecaster(name: str = DEFAULT_BACKEND, history: int = 6, **options: Any) -> Forecaster:
     """Build a forecaster: a registered basis (``"reuse" | "taylor" | "hermite" | "dmd"``,
     see :mod:`hicache3d.forecast.registry`) or ``"auto"``.
 

@@ -18,9 +18,9 @@ import numpy as np
 from .exponential import fit_exponential, fit_exponential_batch
 from .polynomial import hermite_weights, lagrange_weights, reuse_weights, taylorseer_weights
 
-__all__ = ["Basis", "Param", "PARAMS", "AUTO", "DEFAULT_CANDIDATES", "register", "unregister",
-           "get", "basis_names", "backend_names", "fallback_names", "default", "min_history",
-           "validate_forecast_options"]
+__all__ = ["Basis", "Param", "PARAMS", "AUTO", "DEFAULT_BACKEND", "DEFAULT_FALLBACK",
+           "DEFAULT_CANDIDATES", "register", "unregister", "get", "basis_names", "backend_names",
+           "fallback_names", "default", "min_history", "validate_forecast_options"]
 
 AUTO = "auto"
 
@@ -200,3 +200,5 @@ register(Basis("dmd", lambda spec, t, tq, state: state.weights(tq), ("rank", "ra
                summary="exponential modes fitted to the history (DMD)"))
 
 DEFAULT_CANDIDATES: Tuple[str, ...] = basis_names()    # the built-in bases
+DEFAULT_BACKEND = "dmd"
+DEFAULT_FALLBACK = "hermite"
