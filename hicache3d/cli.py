@@ -210,7 +210,7 @@ def _check_install(recipe, force, validate_targets):
     check its version where distribution metadata exists, and (for a user's recipe) that
     its targets stay inside its own package and resolve.  Returns the recipe for the module
     name found, the other module names to hook, and the source checkout found (or None)."""
-    from .recipe import RecipeError, find_install, for_module, version_in_range
+    from .recipe import find_install, for_module, version_in_range
     _check_scope(recipe)
     inst = find_install(recipe)
     if inst.found:
@@ -315,7 +315,6 @@ def unpatch_cmd(models, all_, user):
 @click.option("--user", is_flag=True, help="The user site-packages instead of the active environment.")
 def status_cmd(user):
     """Show what is patched in place, with which settings, and where the files are."""
-    import os
 
     from ._bootstrap import PTH_NAME, disabled
     from .inplace import read_patches

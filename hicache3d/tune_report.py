@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 from ._io import atomic_write
 
@@ -41,10 +41,10 @@ def write_report(res: Mapping[str, Any], out: Path) -> List[Path]:
           f"({ref['forwards']} network forwards, {ref['seconds']:.2f} s for all images). One site is "
           f"varied at a time, the others uncached. `drift`: relative L2 of each site's final latent "
           f"(mean over images; the worst site)" + (f"; IoU / F@{res['tau']} / Chamfer of the mesh vs "
-                                                   f"the uncached one" if mesh else "; this pipeline makes no "
+                                                   "the uncached one" if mesh else "; this pipeline makes no "
                                                    "mesh here, so the target is on the latent drift") +
-          f". `fewer fwd`: network forwards uncached / cached (exact); `speed-up`: " + (
-              f"wall time of the whole pipeline, decoders included" if not res.get("no_mesh_reason") else
+          ". `fewer fwd`: network forwards uncached / cached (exact); `speed-up`: " + (
+              "wall time of the whole pipeline, decoders included" if not res.get("no_mesh_reason") else
               f"{res.get('timing') or 'sampler-only'} wall time (the run stops before the mesh decoder)") +
           f". Target: {target.describe()}; fastest = "
           f"{'fewest network forwards, then wall time' if res['rank_by'] == 'forwards' else 'lowest wall time'}.", "",

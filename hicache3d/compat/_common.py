@@ -7,7 +7,7 @@ from typing import Any, List, Sequence
 import numpy as np
 import torch
 
-from ..forecast.exponential import FitError, fit_exponential
+from ..forecast.exponential import fit_exponential
 from ..tree import flatten, unflatten
 
 # the seed's conventions: automatic rank cut 1e-4 on the fitted snapshots' singular values,
