@@ -200,6 +200,12 @@ def write_reports(res: Dict[str, Any], out: Path, stem: str = "fidelity") -> Lis
                    f"{c['backend']} interval {c['interval']} at {c['steps']} steps "
                    f"(IoU {c['iou_mean_now']:.4f} now, {c['iou_mean_stored']:.4f} stored)"
                    for c in res["fixed_rows_check"]) + ".", ""]
+    if res.get("rerun_bases"):
+        md += ["The fixed-interval rows of " + ", ".join(res["rerun_bases"]) + " were re-run after a "
+               "change to those bases (`scripts/bench_fidelity.py --bases`); the other rows are "
+               "kept from the stored sweep.  Each block's `faster` column is timed against its own "
+               "uncached re-run, so blocks measured at different times compare less well than "
+               "rows within one block.", ""]
     md += _frontier_md(res)
     for note in res.get("notes", []):
         md += [note, ""]
