@@ -389,9 +389,12 @@ _SEEDS = click.IntRange(0, 2 ** 63 - 1)
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Output mesh (.glb .obj .ply .stl), or a folder when --image is a folder.")
 @click.option("--model", default="bundled", show_default=True,
-              help="Recipe whose generator makes the mesh (see `hicache3d recipes`).")
+              help="Recipe whose generator makes the mesh: bundled, hunyuan3d-2mini, hunyuan3d-2.1, "
+                   "trellis, trellis2, sam3d (see `hicache3d recipes`). The TRELLIS / TRELLIS.2 mesh decoders "
+                   "need CUDA (on CPU the samplers run, the mesh is not written); SAM 3D needs CUDA throughout.")
 @click.option("--weights", help="Local weights: a folder for upstream models (default: the recipe's "
-                                "hub repo; wins over HY3DGEN_MODELS), a .safetensors file for the bundled one.")
+                                "hub repo; wins over HY3DGEN_MODELS; TRELLIS/TRELLIS.2: pipeline.json + ckpts/, "
+                                "SAM 3D: checkpoints/pipeline.yaml), a .safetensors file for the bundled one.")
 @click.option("--backend", type=_BACKENDS, help="Forecast basis (default: the recipe's).")
 @click.option("--interval", type=click.IntRange(1, 1000), help="Compute one step in N (default: the recipe's).")
 @click.option("--schedule", type=_SCHEDULES, help=_SCHEDULE_HELP + " Default: the recipe's.")
@@ -421,6 +424,7 @@ def generate_cmd(image, out, model, weights, backend, interval, schedule, tolera
       hicache3d generate --image mug.jpg --out mug.obj --backend dmd --interval 4 --compare
       hicache3d generate --image mug.png --out mug.glb --schedule adaptive --tolerance 1.0
       hicache3d generate --image photos/ --out meshes/ --format ply
+      hicache3d generate --image cutout.png --out x.glb --model trellis2 --weights TRELLIS.2-4B/
       torchrun --nproc_per_node 4 -m hicache3d generate --image photos/ --out meshes/
     """
     from .generate import GenerateError

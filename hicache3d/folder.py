@@ -223,7 +223,7 @@ def generate_folder(images, out, *, model: str = "bundled", weights: Optional[st
                 ref = generator.run(payload, steps=steps, seed=seed, cache=False) if compare else None
                 res = generator.run(payload, steps=steps, seed=seed, cache=cache, settings=settings)
                 if res.mesh is None:
-                    raise GenerateError(f"{src}: the generator produced no surface")
+                    raise GenerateError(f"{src}: {res.reason or 'the generator produced no surface'}")
                 export_mesh(res.mesh, dst)
                 rec.update(status="done", seconds=round(res.seconds, 4),
                            network_calls=res.network_calls, skipped_calls=res.skipped_calls)

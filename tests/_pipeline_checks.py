@@ -104,6 +104,16 @@ def trellis_checks(tmp: Path):
         assert f"sampled in" in r.output and f"{expected()} network calls" in r.output, r.output
         assert "skipped" not in r.output.splitlines()[0], r.output
 
+    def folder_mode_reports_the_decoder_per_image():
+        images = tmp / "images"
+        images.mkdir()
+        shutil.copy(image, images / "a.png")
+        r = _cli(["generate", "--model", "trellis", "--weights", str(weights), "--image", str(images),
+                  "--out", str(tmp / "meshes"), "--steps", "4"])
+        assert r.exit_code == 1, r.output
+        assert "slat_decoder_mesh" in r.output and "CUDA" in r.output, r.output
+        assert not list((tmp / "meshes").glob("*.glb"))
+
     def bad_folders_are_clear_errors():
         _raises(lambda: Generator("trellis", str(tmp / "nowhere"), device="cpu"), "no such folder")
         empty = tmp / "empty"
@@ -144,7 +154,8 @@ def trellis_checks(tmp: Path):
 
     return [sampler_runs_then_stops_at_mesh_decoder, latents_are_the_samplers_own,
             cli_compare_reports_drift_and_names_decoder, cli_no_cache_counts_every_forward,
-            bad_folders_are_clear_errors, offline_without_weights_names_repo, image_encoder_unavailable_is_clear]
+            folder_mode_reports_the_decoder_per_image, bad_folders_are_clear_errors,
+            offline_without_weights_names_repo, image_encoder_unavailable_is_clear]
 
 
 # ------------------------------------------------------------------------------ TRELLIS.2

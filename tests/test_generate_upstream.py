@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECKS = {
     "trellis": ["sampler_runs_then_stops_at_mesh_decoder", "latents_are_the_samplers_own",
                 "cli_compare_reports_drift_and_names_decoder", "cli_no_cache_counts_every_forward",
-                "bad_folders_are_clear_errors", "offline_without_weights_names_repo",
-                "image_encoder_unavailable_is_clear"],
+                "folder_mode_reports_the_decoder_per_image", "bad_folders_are_clear_errors",
+                "offline_without_weights_names_repo", "image_encoder_unavailable_is_clear"],
     "trellis2": ["three_samplers_run_then_stop_at_shape_decoder", "latents_are_the_samplers_own",
                  "cascade_stops_at_the_upsampler", "cli_compare_reports_drift_and_names_decoder",
                  "rgb_image_and_bad_folders_are_clear_errors", "offline_without_weights_names_repo",
