@@ -49,10 +49,7 @@ class Acceleration:
     def stats(self) -> Dict[str, Any]:
         """Per site and per run: network calls made and skipped, forecasts per basis,
         fallbacks, wall time."""
-        totals: Dict[str, CacheStats] = {}
-        for r in self.runs:
-            for site, s in r.sites.items():
-                totals[site] = totals.get(site, CacheStats()).merge(s)
+        totals = self._totals()
         return {
             "recipe": self.recipe.name,
             "runs": [r.as_dict() for r in self.runs],
@@ -62,15 +59,28 @@ class Acceleration:
             "wall_s": sum(r.wall_s for r in self.runs),
         }
 
+    def _totals(self) -> Dict[str, CacheStats]:
+        totals: Dict[str, CacheStats] = {}
+        for r in self.runs:
+            for site, s in r.sites.items():
+                totals[site] = totals.get(site, CacheStats()).merge(s)
+        return totals
+
     def summary(self) -> str:
+        """A line for the block, then one per site over all its runs: computed / forecast,
+        why steps were computed, forecasts per basis, fallbacks, and the last run's
+        computed/forecast pattern."""
         s = self.stats
         lines = [f"{self.recipe.name}: {len(s['runs'])} run(s), {s['network_calls']} network calls, "
                  f"{s['skipped_calls']} skipped, {s['wall_s']:.2f} s"]
         if self.settings_file:
             lines.append(f"  settings from {self.settings_file}")
-        for site, d in s["sites"].items():
-            lines.append(f"  {site}: {d['computed']} computed / {d['forecast']} forecast; "
-                         f"per basis {d['per_basis']}; fallbacks {d['fallbacks']}")
+        last = self.runs[-1].sites if self.runs else {}
+        for site, st in self._totals().items():
+            line = f"  {site}: {st.summary()}"
+            if site in last and last[site].trace:
+                line += f"; last run {last[site].pattern}"
+            lines.append(line)
         return "\n".join(lines)
 
 

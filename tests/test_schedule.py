@@ -319,7 +319,13 @@ def test_accelerate_takes_schedule_and_tolerance():
         fast = gen(cond, steps=12)
     st = run.stats["runs"][-1]["sites"]["sparse_structure"]
     assert fast.network_forwards < ref.network_forwards and "." in st["pattern"]
-    assert "computed for:" in run.runs[-1].sites["sparse_structure"].summary()
+    site = run.runs[-1].sites["sparse_structure"]
+    assert "computed for:" in site.summary()
+    # the block's own summary says why each site computed, and the last run's pattern
+    text = run.summary()
+    why = text.split("computed for: ")[1].split(";")[0]
+    assert sum(int(part.rsplit(" ", 1)[1]) for part in why.split(", ")) == site.computed
+    assert f"last run {site.pattern}" in text
 
 
 def test_cli_schedule_flags(tmp_path):
