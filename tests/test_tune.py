@@ -31,12 +31,7 @@ GRID = dict(steps=STEPS, backends=["hermite", "reuse"], schedules=["fixed", "ada
 CLI_GRID = ["--steps", str(STEPS), "--backends", "hermite,reuse", "--intervals", "2,4", "--tolerances", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -116,24 +116,11 @@ def package_dir(name: str, default: Path) -> Path:
 
 
 def keep_spconv_in_train_mode(model: torch.nn.Module) -> None:
-    """spconv's CPU kernels reject a fused bias, which it uses in eval mode only.
-
-    In train mode spconv adds the bias as a separate op (same result).  The conv
-    submodules are pinned to ``training=True`` even when ``model.eval()`` is called later
-    (they have no dropout / batch-norm, so this changes nothing else).
-    """
-    import types
-
-    import spconv.pytorch as spc
-
-    def _train(self, mode=True):
-        self.training = True
-        return self
-
-    for m in model.modules():
-        if isinstance(m, spc.conv.SparseConvolution):
-            m.training = True
-            m.train = types.MethodType(_train, m)
+    """spconv's CPU kernels reject a fused bias, which it uses in eval mode only: pin the
+    conv submodules to train mode (the package's own CPU helper, which the generate
+    pipelines use too)."""
+    from hicache3d.pipelines._base import spconv_cpu_eval
+    spconv_cpu_eval(model)
 
 
 def prepare_trellis_package(name: str, family: str, env: dict) -> Path:
