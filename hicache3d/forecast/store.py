@@ -266,10 +266,14 @@ class SnapshotStore:
         if buf.dtype == torch.float64:
             return torch.bmm(buf, buf.index_select(1, idx).transpose(1, 2))
         out = torch.zeros((rows, cap, len(slots)), dtype=torch.float64, device=buf.device)
+        # one up-cast scratch per call, reused by every chunk: a fresh float64 block per
+        # chunk costs an allocation (and, on the CPU, its page faults) each time
+        scratch = torch.empty((rows, cap, min(cols, _CHUNK)), dtype=torch.float64, device=buf.device)
         for c0 in range(0, cols, _CHUNK):
-            blk = buf[:, :, c0:c0 + _CHUNK].to(torch.float64)
+            c1 = min(cols, c0 + _CHUNK)
+            blk = scratch[:, :, :c1 - c0]
+            blk.copy_(buf[:, :, c0:c1])
             out += torch.bmm(blk, blk.index_select(1, idx).transpose(1, 2))
-            del blk
         return out
 
     # ------------------------------------------------------------------ combine
@@ -326,8 +330,10 @@ class SnapshotStore:
                 return torch.bmm(w_rows.unsqueeze(1), buf).squeeze(1)
             return torch.einsum("rs,rsc->rc", w_rows, buf)
         out = torch.empty((rows, cols), dtype=buf.dtype, device=buf.device)
+        scratch = torch.empty((rows, cap, min(cols, _CHUNK)), dtype=cdt, device=buf.device)
         for c0 in range(0, cols, _CHUNK):
-            blk = buf[:, :, c0:c0 + _CHUNK].to(cdt)
+            blk = scratch[:, :, :min(cols, c0 + _CHUNK) - c0]
+            blk.copy_(buf[:, :, c0:c0 + _CHUNK])
             if rows == 1:
                 res = w_rows @ blk[0]
             elif leaf.row_items is None:
