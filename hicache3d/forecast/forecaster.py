@@ -101,7 +101,7 @@ class Forecaster:
                  rank_tol: float = default("rank_tol"), clamp: bool = default("clamp"),
                  fallback: str = DEFAULT_FALLBACK, batch_dim: Optional[int] = 0,
                  candidates: Sequence[str] = DEFAULT_CANDIDATES, candidate_damping: Sequence[float] = (0.0, 0.5),
-                 holdouts: int = 2):
+                 holdouts: int = 1):
         registry.validate_forecast_options(backend=backend, history=history, order=order, sigma=sigma,
                                   damping=damping, taylor_form=taylor_form, rank=rank,
                                   rank_tol=rank_tol, fallback=fallback, candidates=candidates,
