@@ -310,7 +310,7 @@ def _fit_windows(problems: list, *, tol: float, pod_tol: Optional[float], clamp:
                 continue
             want = max(1, min(len(t) - 1, r if not rank else min(rank, r)))
             if given and given[0] is not None and len(given[0]) == want:
-                starts = [np.asarray(given[0], dtype=np.complex128)]
+                starts = [given[0]]
             else:
                 starts = _starts(Y, t, tol, want)
             if not refine:
@@ -436,6 +436,7 @@ def fit_exponential(t: np.ndarray, G: np.ndarray, **options) -> ExpFit:
     return fit
 
 
+@_memoized()
 def fit_exponential_batch(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_tol: float = 1e-4,
                           gram_eps: float = 2.2e-16, clamp: bool = True, keep_residual: bool = True,
                           min_snapshots: int = 3, refine: bool = True,
@@ -463,14 +464,6 @@ def fit_exponential_batch(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_t
     ``select=False`` (or ``rank > 0``) fits the whole window with the noise-floor rank
     (at most ``rank``) without scoring.
     """
-    with _memoized():
-        return _fit_batch(t, G, rank=rank, rank_tol=rank_tol, gram_eps=gram_eps, clamp=clamp,
-                          keep_residual=keep_residual, min_snapshots=min_snapshots,
-                          refine=refine, pod_tol=pod_tol, select=select)
-
-
-def _fit_batch(t, G, *, rank, rank_tol, gram_eps, clamp, keep_residual, min_snapshots, refine,
-               pod_tol, select) -> list:
     t = np.asarray(t, dtype=np.float64)
     G = np.asarray(G, dtype=np.float64)
     items, n = G.shape[0], len(t)
