@@ -192,3 +192,51 @@ def test_auto_selection_is_cached_per_window():
     n_fits = len(fc._fits)
     fc.predict(7.0)
     assert len(fc._fits) == n_fits
+
+
+def _noisy_trajectory(n=8, d=256, seed=3):
+    """Two damped modes plus 1% noise: the automatic rank is chosen by backcast."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(3, d, generator=g, dtype=torch.float64)
+    return [(A[0] * math.exp(-0.2 * t) + A[1] * math.exp(-0.05 * t) * math.cos(0.3 * t)
+             + 0.01 * torch.randn(d, generator=g, dtype=torch.float64)).reshape(1, d) for t in range(n)]
+
+
+def test_selected_exponential_fit_carries_its_held_out_forecast():
+    """The rank trial that chose the fit forecasts the newest snapshot from the others:
+    its weights, applied to the snapshots themselves, give the recorded backcast error."""
+    vs = _noisy_trajectory()
+    V = torch.cat(vs).numpy()
+    t = np.arange(len(vs), dtype=np.float64)
+    fit = fit_exponential(t, V @ V.T)
+    assert fit.backcast is not None and fit.holdout_weights is not None
+    w = fit.holdout_weights
+    assert w.shape == (len(vs) - 1,)
+    direct = np.linalg.norm(w @ V[:-1] - V[-1]) / np.linalg.norm(V[-1])
+    assert abs(direct - fit.backcast) <= 1e-9 * max(1.0, direct), (direct, fit.backcast)
+    reuse = np.linalg.norm(V[-2] - V[-1]) / np.linalg.norm(V[-1])
+    assert fit.backcast < 0.5 * reuse, (fit.backcast, reuse)
+
+
+def test_auto_ranks_dmd_by_the_backcast_its_fit_already_made(monkeypatch):
+    """auto scores dmd with the held-out forecast of dmd's own rank selection: one
+    exponential fit per window, not a second one on all but the newest snapshot."""
+    import hicache3d.forecast.registry as registry
+    vs = _noisy_trajectory()
+    calls = []
+    orig = registry.fit_exponential_batch
+
+    def counting(t, G, **kw):
+        calls.append(len(t))
+        return orig(t, G, **kw)
+    monkeypatch.setattr(registry, "fit_exponential_batch", counting)
+    fc = make_forecaster("auto", history=8, candidates=("reuse", "hermite", "dmd"))
+    for t, v in enumerate(vs):
+        fc.push(float(t), v)
+    fc.predict(8.5)
+    assert calls == [len(vs)], calls
+    # the score auto gave dmd is that backcast, recomputed here from the snapshots
+    fit = fc._fit(fc.candidates[[c.name for c in fc.candidates].index("dmd")], 0).state
+    V = torch.cat(vs).numpy()
+    direct = np.linalg.norm(fit.holdout_weights @ V[:-1] - V[-1]) / np.linalg.norm(V[-1])
+    assert abs(direct - fit.backcast) <= 1e-9

@@ -64,6 +64,8 @@ class ExpFit:
     backcast: Optional[float] = None   # error of the selected (window, rank) on the newest
                                        # snapshot when fitted without it (None: not scored)
     fitted_rates: Optional[np.ndarray] = None   # the rates as fitted, before any clamping
+    holdout_weights: Optional[np.ndarray] = None  # [n-1] the selected held-out fit's forecast of
+                                                  # the newest snapshot, as weights over the others
 
     def weights(self, tq: float) -> np.ndarray:
         tau = float(tq) - self.t_new
@@ -503,14 +505,16 @@ def fit_exponential_batch(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_t
         with np.errstate(all="ignore"):
             err = backcast_error(f, t[a:], G[i, a:, a:], n - a - 1)
         if np.isfinite(err) and (i not in best or err < best[i][0]):
-            best[i] = (err, a, K, f.fitted_rates)
+            best[i] = (err, a, K, f)
     chosen = sorted(best.items())
     # the refit on every snapshot of the chosen window starts from the held-out fit
-    finals = _fit_windows([(t[a:], G[i, a:, a:], K, mu) for i, (_, a, K, mu) in chosen], **opts)
-    for (i, (err, a, _, _)), f in zip(chosen, finals):
+    finals = _fit_windows([(t[a:], G[i, a:, a:], K, trial.fitted_rates) for i, (_, a, K, trial) in chosen],
+                          **opts)
+    for (i, (err, a, _, trial)), f in zip(chosen, finals):
         if not isinstance(f, FitError):
             f = _pad(f, a)
             f.backcast = err
+            f.holdout_weights = np.concatenate([np.zeros(a), trial.weights(t[n - 1])])
         out[i] = f
     return [f if f is not None else FitError("undetermined") for f in out]
 

@@ -193,7 +193,11 @@ class Forecaster:
         if isinstance(fit, FitError):
             raise fit
         with np.errstate(all="ignore"):
-            w = _damp(fit.weights(tq), spec.damping)
+            return self._checked(spec, item, fit.weights(tq))
+
+    def _checked(self, spec: BasisSpec, item: int, w: np.ndarray) -> np.ndarray:
+        """``w`` damped as ``spec`` says, or :class:`FitError` if it is no forecast."""
+        w = _damp(np.array(w, dtype=np.float64), spec.damping)
         if not np.all(np.isfinite(w)) or np.abs(w).sum() > _MAX_WEIGHT_L1:
             raise FitError("nonfinite_weights")
         if registry.get(spec.name).plausibility:
@@ -218,7 +222,7 @@ class Forecaster:
             errs = []
             for h in range(n - 1, max(0, n - 1 - self.holdouts), -1):
                 try:
-                    w = self._weights(spec, item, t[h], n=h)
+                    w = self._holdout_weights(spec, item, h)
                 except FitError:
                     if h == n - 1:
                         break
@@ -234,6 +238,19 @@ class Forecaster:
             ranked = [BasisSpec("reuse")]
         per_item[item] = ranked
         return ranked
+
+    def _holdout_weights(self, spec: BasisSpec, item: int, h: int) -> np.ndarray:
+        """Weights over snapshots ``0 .. h-1`` forecasting snapshot ``h`` from them.  A fit
+        that chose itself by such a backcast of the newest snapshot (dmd's rank and window)
+        carries it: that one is used, not a second fit on one snapshot fewer."""
+        n = len(self.store)
+        if h == n - 1:
+            fit = self._fit(spec, item)
+            held = getattr(getattr(fit, "state", None), "holdout_weights", None)
+            if held is not None:
+                with np.errstate(all="ignore"):
+                    return self._checked(spec, item, held)
+        return self._weights(spec, item, float(self._window()[0][h]), n=h)
 
     # ------------------------------------------------------------------ predict
     def chain(self, item: int) -> List[BasisSpec]:
