@@ -27,6 +27,27 @@ def held_out(n: int):
     return cond, occ, [f"held_out/{i}" for i in range(n)]
 
 
+def record_velocities(gen, cond, steps: int, seed: int = 0):
+    """The guided velocity of every step of an uncached run of the bundled generator
+    ``gen`` (its trained dynamics): ``[steps, batch, ...]``."""
+    import torch
+    seen = []
+    sampler = gen.sampler
+    orig = sampler.velocity
+
+    def velocity(*args, **kwargs):
+        v = orig(*args, **kwargs)
+        seen.append(v.detach().clone())
+        return v
+
+    sampler.velocity = velocity
+    try:
+        gen(cond, steps=steps, seed=seed)
+    finally:
+        del sampler.velocity                       # back to the class's method
+    return torch.stack(seen)
+
+
 def occupancy_scores(pred_occ, ref_occ, pred_lat=None, ref_lat=None,
                      tau: float = 0.05) -> Dict[str, np.ndarray]:
     """Per shape: F-score@tau, Chamfer and voxel IoU of two occupancy batches, and the

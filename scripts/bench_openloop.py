@@ -32,25 +32,6 @@ sys.path.insert(0, str(ROOT))
 BASES = ["reuse", "taylor", "hermite", "dmd", "auto"]
 
 
-def record(gen, cond, steps, seed=0):
-    """The guided velocity of every step of an uncached run: ``[steps, batch, ...]``."""
-    seen = []
-    sampler = gen.sampler
-    orig = sampler.velocity
-
-    def velocity(*args, **kwargs):
-        v = orig(*args, **kwargs)
-        seen.append(v.detach().to(torch.float32).clone())
-        return v
-
-    sampler.velocity = velocity
-    try:
-        gen(cond, steps=steps, seed=seed)
-    finally:
-        del sampler.velocity                       # back to the class's method
-    return torch.stack(seen)
-
-
 def errors(V, backend, interval, first_enhance, history):
     """Relative error of each forecast step, per item: ``[forecast steps, batch]``."""
     from hicache3d import CacheConfig
@@ -83,7 +64,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "openloop"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from hicache3d.bench import held_out
+    from hicache3d.bench import held_out, record_velocities
     from hicache3d.bundled.generator import BundledGenerator
     try:
         bases = [b.strip() for b in a.bases.split(",") if b.strip()]
@@ -98,7 +79,7 @@ def main() -> None:
     t_start = time.time()
     rows = []
     for S in steps:
-        V = record(gen, cond, S)
+        V = record_velocities(gen, cond, S)
         for iv in intervals:
             cell = {}
             for b in bases:

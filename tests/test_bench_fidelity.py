@@ -1,17 +1,11 @@
 """scripts/bench_fidelity.py --bases: re-run the fixed rows of some bases, keep the rest."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "scripts" / "bench_fidelity.py"
+from ._scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_fidelity", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_fidelity")
 
 
 def _row(backend, steps, interval=None, iou=0.9, schedule="fixed", tolerance=None):

@@ -1,18 +1,13 @@
-"""scripts/bench_openloop.py: the open-loop errors and their report, against direct computations."""
-import importlib.util
-from pathlib import Path
-
+"""scripts/bench_openloop.py (and the recorder it uses): the open-loop errors and their
+report, against direct computations."""
 import numpy as np
 import torch
 
-_PATH = Path(__file__).resolve().parent.parent / "scripts" / "bench_openloop.py"
+from ._scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_openloop", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_openloop")
 
 
 def test_reuse_error_is_the_distance_to_the_newest_computed_velocity():
@@ -30,13 +25,13 @@ def test_reuse_error_is_the_distance_to_the_newest_computed_velocity():
 def test_records_every_guided_velocity_and_restores_the_sampler():
     """The recorded velocities, integrated by the sampler's own Euler steps from the same
     noise, give the latent the generator returns."""
-    m = _script()
+    from hicache3d.bench import record_velocities
     from hicache3d.bundled import shapes
     from hicache3d.bundled.generator import BundledGenerator
     torch.set_num_threads(1)
     gen = BundledGenerator.from_pretrained()
     _, cond = shapes.make_batch("held_out", [0, 1])
-    V = m.record(gen, cond, 4)
+    V = record_velocities(gen, cond, 4)
     assert V.shape[:2] == (4, 2)
     assert "velocity" not in vars(gen.sampler)
     s = gen.sampling

@@ -168,22 +168,10 @@ def test_exponential_exact_from_the_fourth_snapshot_on_a_short_irregular_schedul
 
 def _recorded_velocities(steps, shapes_n):
     """Velocities of an uncached run of the bundled generator (its trained dynamics)."""
-    from hicache3d.bundled import shapes
+    from hicache3d.bench import held_out, record_velocities
     from hicache3d.bundled.generator import BundledGenerator
-    gen = BundledGenerator.from_pretrained()
-    _, cond = shapes.make_batch("held_out", list(range(shapes_n)))
-    vs, orig = [], gen.sampler.velocity
-
-    def record(*a, **k):
-        v = orig(*a, **k)
-        vs.append(v.clone())
-        return v
-    gen.sampler.velocity = record
-    try:
-        gen(cond, steps=steps, seed=0)
-    finally:
-        del gen.sampler.velocity
-    return vs
+    cond, _, _ = held_out(shapes_n)
+    return record_velocities(BundledGenerator.from_pretrained(), cond, steps)
 
 
 def _open_loop_errors(vs, interval, backend, **kw):
