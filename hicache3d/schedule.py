@@ -138,12 +138,12 @@ class FixedPolicy(SchedulePolicy):
 
 
 def error_exponent(backend: str, order: int = 1) -> float:
-    """``p`` of the error model ``e(h) = c h^p`` of a basis."""
-    if backend == "reuse":
-        return 1.0
-    if backend in ("taylor", "hermite"):
-        return float(order + 1)
-    return 2.0
+    """``p`` of the error model ``e(h) = c h^p`` of a basis (its registry entry's
+    ``error_order``; 2 for ``auto``, whose candidates differ)."""
+    from .forecast import BasisSpec, registry
+    if backend not in registry.basis_names():
+        return 2.0
+    return float(registry.get(backend).error_order(BasisSpec(backend, order=order)))
 
 
 class AdaptivePolicy(SchedulePolicy):

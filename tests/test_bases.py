@@ -7,6 +7,7 @@ import torch
 
 from hicache3d.forecast import (fit_exponential, hermite_weights, lagrange_weights,
                                 make_forecaster, taylorseer_weights)
+from hicache3d.forecast.registry import default
 from hicache3d.forecast_bench.scenarios import (N_ANCHORS, SUBSTEP_N, exponential_trajectory,
                                                 make_trajectory)
 
@@ -240,3 +241,42 @@ def test_auto_ranks_dmd_by_the_backcast_its_fit_already_made(monkeypatch):
     V = torch.cat(vs).numpy()
     direct = np.linalg.norm(fit.holdout_weights @ V[:-1] - V[-1]) / np.linalg.norm(V[-1])
     assert abs(direct - fit.backcast) <= 1e-9
+
+
+def test_auto_carries_each_backcast_to_the_horizon_it_forecasts():
+    """After a warm-up of three steps the backcast is made at their spacing (1) but the
+    first cache window forecasts up to 7 steps ahead.  On a velocity that saturates,
+    extrapolating its slope wins the backcast and is the best forecast 1 step ahead,
+    while 7 steps ahead plain reuse is: each candidate's backcast error is carried to the
+    forecast's horizon by its error model, ``e (H / h)^p`` (p = 1 for reuse, order + 1 for
+    the polynomials)."""
+    g = torch.Generator().manual_seed(11)
+    A, B = (torch.randn(1, 32, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def v(t):
+        return 0.5 * A + B * (1.0 - math.exp(-0.5 * t))
+    names = ("reuse", "taylor", "hermite")
+    fc = make_forecaster("auto", history=6, candidates=names, candidate_damping=(0.0,))
+    for t in range(3):
+        fc.push(float(t), v(t))
+    # the ranking the error model gives, from the snapshots themselves
+    V = [v(t).numpy().ravel() for t in range(3)]
+    held = {"reuse": V[1], "taylor": 2 * V[1] - V[0],
+            "hermite": hermite_weights(np.array([0.0, 1.0]), 2.0, 1, default("sigma")) @ np.stack(V[:2])}
+    back = {k: np.linalg.norm(f - V[2]) / np.linalg.norm(V[2]) for k, f in held.items()}
+    p = {"reuse": 1.0, "taylor": 2.0, "hermite": 2.0}
+    served = {}
+    for tq in (3.0, 9.0):
+        true = {}
+        for k in names:
+            single = make_forecaster(k, history=6)
+            for t in range(3):
+                single.push(float(t), v(t))
+            true[k] = rel(single.predict(tq), v(tq))
+        out = fc.predict(tq)
+        model = min(names, key=lambda k: back[k] * (tq - 2.0) ** p[k])
+        assert fc.last_labels == [model], (tq, fc.last_labels, back)
+        assert rel(out, v(tq)) == pytest.approx(true[model], rel=1e-9)
+        assert true[model] == min(true.values()), (tq, true)     # here the model is right
+        served[tq] = model
+    assert served == {3.0: "hermite", 9.0: "reuse"}

@@ -125,7 +125,7 @@ class Forecaster:
         self.stats = ForecastStats()
         self.last_labels: List[str] = []
         self._fits: Dict[Tuple[int, BasisSpec], List[Any]] = {}
-        self._choice: Dict[int, List[List[BasisSpec]]] = {}
+        self._choice: Dict[int, List[Any]] = {}
         self._gram_cache: Tuple[int, Any] = (-1, None)
 
     # ------------------------------------------------------------------ history
@@ -209,8 +209,9 @@ class Forecaster:
                 raise FitError("implausible_forecast")
         return w
 
-    def _ranked_candidates(self, item: int) -> List[BasisSpec]:
-        """Auto: candidates ordered by their backcast error on held-out snapshots."""
+    def _scores(self, item: int) -> List[Tuple[List[Tuple[float, float]], int, BasisSpec]]:
+        """Auto: per candidate (that fits), its backcast errors on the held-out snapshots,
+        each with the horizon it was made at: ``([(error, horizon), ...], rank, spec)``."""
         v = self.store.version
         per_item = self._choice.setdefault(v, [None] * self.store.items)
         if per_item[item] is not None:
@@ -229,15 +230,29 @@ class Forecaster:
                     continue
                 Gh = G[item, :h, :h]
                 err2 = float(w @ Gh @ w - 2.0 * w @ G[item, :h, h] + G[item, h, h])
-                errs.append(np.sqrt(max(err2, 0.0) / max(G[item, h, h], 1e-300)))
+                errs.append((float(np.sqrt(max(err2, 0.0) / max(G[item, h, h], 1e-300))),
+                             abs(float(t[h] - t[h - 1]))))
             if errs:
-                scores.append((float(np.mean(errs)), rank, spec))
-        scores.sort(key=lambda s: (s[0], s[1]))
-        ranked = [s[2] for s in scores]
-        if not ranked:
-            ranked = [BasisSpec("reuse")]
-        per_item[item] = ranked
-        return ranked
+                scores.append((errs, rank, spec))
+        per_item[item] = scores
+        return scores
+
+    def _ranked_candidates(self, item: int, horizon: Optional[float] = None) -> List[BasisSpec]:
+        """Auto: candidates ordered by their backcast error on held-out snapshots.  With a
+        ``horizon`` (the distance of the forecast from the newest snapshot), each backcast
+        error is carried to it by the candidate's error model, ``e (horizon / h)^p`` (``h``
+        the horizon of the backcast, ``p`` the basis's ``error_order``): the first window
+        after the warm-up backcasts at the fine warm-up spacing but forecasts the whole
+        cache interval, where a basis whose error grows faster falls behind."""
+        ranked = []
+        for errs, rank, spec in self._scores(item):
+            p = registry.get(spec.name).error_order(spec) if horizon is not None else 0.0
+            total = 0.0
+            for e, h in errs:
+                total += e * (abs(horizon) / h) ** p if p and h > 0 else e
+            ranked.append((total / len(errs), rank, spec))
+        ranked.sort(key=lambda s: (s[0], s[1]))
+        return [s[2] for s in ranked] or [BasisSpec("reuse")]
 
     def _holdout_weights(self, spec: BasisSpec, item: int, h: int) -> np.ndarray:
         """Weights over snapshots ``0 .. h-1`` forecasting snapshot ``h`` from them.  A fit
@@ -253,11 +268,12 @@ class Forecaster:
         return self._weights(spec, item, float(self._window()[0][h]), n=h)
 
     # ------------------------------------------------------------------ predict
-    def chain(self, item: int) -> List[BasisSpec]:
-        """Bases tried in order for ``item``: the primary (or auto's ranking), the
-        polynomial fallback, plain reuse."""
+    def chain(self, item: int, horizon: Optional[float] = None) -> List[BasisSpec]:
+        """Bases tried in order for ``item``: the primary (or auto's ranking, for a forecast
+        ``horizon`` away from the newest snapshot when given), the polynomial fallback,
+        plain reuse."""
         if self.backend == "auto":
-            chain = list(self._ranked_candidates(item))
+            chain = list(self._ranked_candidates(item, horizon))
         else:
             chain = [self.primary]
         if self.fallback_spec is not None and self.fallback_spec.name not in {c.name for c in chain}:
@@ -274,8 +290,9 @@ class Forecaster:
         n = len(self.store)
         W = np.zeros((self.store.items, n))
         labels, reasons = [], []
+        horizon = float(tq) - float(self._window()[0][-1])
         for item in range(self.store.items):
-            for spec in self.chain(item):
+            for spec in self.chain(item, horizon):
                 try:
                     W[item] = self._weights(spec, item, float(tq))
                     labels.append(spec.label)

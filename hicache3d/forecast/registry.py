@@ -79,7 +79,10 @@ class Basis:
     ``fit_batch`` the same for a stack of Gram matrices (a list of fits or FitErrors).
     ``min_history(spec)``: the fewest snapshots it needs, and why.  ``fallback``: can serve
     as the fallback of another basis (no fit that can fail); ``damped``: ``auto`` also
-    tries it damped; ``plausibility``: its forecasts get the Gram-space size check."""
+    tries it damped; ``plausibility``: its forecasts get the Gram-space size check.
+    ``error_order(spec)``: ``p`` of the error model ``e(h) ~ c h^p``, how fast its forecast
+    error grows with the horizon ``h`` on a smooth trajectory (``auto`` carries a backcast
+    error to the horizon of each forecast with it; the adaptive schedule plans with it)."""
 
     name: str
     weights: Callable[..., np.ndarray]
@@ -91,6 +94,7 @@ class Basis:
     damped: bool = True
     plausibility: bool = True
     summary: str = ""
+    error_order: Callable[[Any], float] = lambda spec: 2.0
 
 
 _REGISTRY: Dict[str, Basis] = {}
@@ -187,12 +191,18 @@ def _dmd_fit_batch(spec, t, G, gram_eps):
                                  clamp=spec.clamp, min_snapshots=spec.min_snapshots)
 
 
+def _order_error(spec) -> float:
+    return float(spec.order + 1)
+
+
 register(Basis("reuse", lambda spec, t, tq, state: reuse_weights(t, tq), fallback=True,
-               damped=False, plausibility=False, summary="the newest snapshot"))
+               damped=False, plausibility=False, summary="the newest snapshot",
+               error_order=lambda spec: 1.0))
 register(Basis("taylor", _taylor, ("order", "taylor_form"), _order_history, fallback=True,
+               error_order=_order_error,
                summary="polynomial extrapolation (exact Newton form, or TaylorSeer's)"))
 register(Basis("hermite", lambda spec, t, tq, state: hermite_weights(t, tq, spec.order, spec.sigma),
-               ("order", "sigma"), _order_history, fallback=True,
+               ("order", "sigma"), _order_history, fallback=True, error_order=_order_error,
                summary="HiCache's contracted Hermite polynomials"))
 register(Basis("dmd", lambda spec, t, tq, state: state.weights(tq), ("rank", "rank_tol", "clamp"),
                lambda spec: (3, "an exponential fit needs at least 3 snapshots"),
