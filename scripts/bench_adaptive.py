@@ -60,6 +60,8 @@ VARIANTS = {
     "cost+fe2": ("cost, warm-up of 2", {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}, {}),
     "dmd+cost+fe2": ("dmd basis (rank chosen by backcast), cost, warm-up of 2",
                      {"backend": "dmd", "compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}, {}),
+    "auto+cost+fe2": ("auto basis (backcasts carried to the horizon, candidates blended), cost, warm-up of 2",
+                      {"backend": "auto", "compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}, {}),
     "fixed-fe3": ("control: hermite fixed interval (the tolerances are intervals), warm-up of 3",
                   {"schedule": "fixed"}, {}),
     "fixed-fe2": ("control: hermite fixed interval (the tolerances are intervals), warm-up of 2",

@@ -256,7 +256,7 @@ def test_auto_carries_each_backcast_to_the_horizon_it_forecasts():
     def v(t):
         return 0.5 * A + B * (1.0 - math.exp(-0.5 * t))
     names = ("reuse", "taylor", "hermite")
-    fc = make_forecaster("auto", history=6, candidates=names, candidate_damping=(0.0,))
+    fc = make_forecaster("auto", history=6, candidates=names, candidate_damping=(0.0,), blend=0)
     for t in range(3):
         fc.push(float(t), v(t))
     # the ranking the error model gives, from the snapshots themselves
@@ -280,3 +280,46 @@ def test_auto_carries_each_backcast_to_the_horizon_it_forecasts():
         assert true[model] == min(true.values()), (tq, true)     # here the model is right
         served[tq] = model
     assert served == {3.0: "hermite", 9.0: "reuse"}
+
+
+@pytest.mark.parametrize("blend", [1.0, 2.0, 4.0])
+def test_auto_blends_its_candidates_by_carried_backcast_error(blend):
+    """``blend`` > 0: auto serves every candidate, weighted by its backcast error carried to
+    the horizon, to the power -blend; checked against the single bases' own forecasts and
+    backcast errors computed here from the snapshots."""
+    g = torch.Generator().manual_seed(4)
+    A, B, C = (torch.randn(1, 24, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def v(t):
+        return A + B * math.exp(-0.3 * t) + 0.2 * C * math.cos(0.7 * t)
+    names = ("reuse", "taylor", "hermite")
+    times = [0.0, 1.0, 2.0, 5.0]
+    fc = make_forecaster("auto", history=6, candidates=names, candidate_damping=(0.0,), blend=blend)
+    for t in times:
+        fc.push(t, v(t))
+    V = np.stack([v(t).numpy().ravel() for t in times])
+    tb = np.array(times[:-1])
+    held = {"reuse": V[-2], "taylor": lagrange_weights(tb, 5.0, 1) @ V[:-1],
+            "hermite": hermite_weights(tb, 5.0, 1, default("sigma")) @ V[:-1]}
+    back = {k: np.linalg.norm(f - V[-1]) / np.linalg.norm(V[-1]) for k, f in held.items()}
+    p = {"reuse": 1.0, "taylor": 2.0, "hermite": 2.0}
+    tq = 7.0
+    carried = {k: back[k] * ((tq - 5.0) / 3.0) ** p[k] for k in names}
+    a = {k: carried[k] ** -blend for k in names}
+    want = 0.0
+    for k in names:
+        single = make_forecaster(k, history=6)
+        for t in times:
+            single.push(t, v(t))
+        want = want + a[k] / sum(a.values()) * single.predict(tq)
+    out = fc.predict(tq)
+    assert rel(out, want) <= 1e-12
+    assert fc.last_labels == [min(names, key=carried.get)]
+    assert len(set(round(x, 6) for x in a.values())) == 3      # a real blend, no tie
+
+
+def test_blend_is_validated():
+    from hicache3d import CacheConfig
+    for bad in (-1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="blend"):
+            CacheConfig(backend="auto", blend=bad)

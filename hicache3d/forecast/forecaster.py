@@ -17,7 +17,7 @@ import numpy as np
 
 from . import registry
 from .exponential import FitError
-from .registry import DEFAULT_BACKEND, DEFAULT_CANDIDATES, DEFAULT_FALLBACK, default
+from .registry import DEFAULT_BACKEND, DEFAULT_BLEND, DEFAULT_CANDIDATES, DEFAULT_FALLBACK, default
 from .store import PushResult, SnapshotStore
 
 __all__ = ["BACKENDS", "BasisSpec", "Forecaster", "ForecastStats", "make_forecaster", "fit_basis"]
@@ -79,8 +79,9 @@ def _damp(w: np.ndarray, damping: float) -> np.ndarray:
 
 @dataclass
 class ForecastStats:
-    """What a forecaster did: forecasts per basis (counted per batch item), fallbacks and
-    why, history restarts and why."""
+    """What a forecaster did: forecasts per basis (counted per batch item; a blend of
+    ``auto`` counts for its best-ranked candidate), fallbacks and why, history restarts
+    and why."""
 
     per_basis: Counter = field(default_factory=Counter)
     fallbacks: Counter = field(default_factory=Counter)
@@ -101,11 +102,12 @@ class Forecaster:
                  rank_tol: float = default("rank_tol"), clamp: bool = default("clamp"),
                  fallback: str = DEFAULT_FALLBACK, batch_dim: Optional[int] = 0,
                  candidates: Sequence[str] = DEFAULT_CANDIDATES, candidate_damping: Sequence[float] = (0.0, 0.5),
-                 holdouts: int = 1):
+                 holdouts: int = 1, blend: float = DEFAULT_BLEND):
         registry.validate_forecast_options(backend=backend, history=history, order=order, sigma=sigma,
                                   damping=damping, taylor_form=taylor_form, rank=rank,
                                   rank_tol=rank_tol, fallback=fallback, candidates=candidates,
-                                  candidate_damping=candidate_damping, holdouts=holdouts)
+                                  candidate_damping=candidate_damping, holdouts=holdouts,
+                                  blend=blend)
         self.backend = backend
         self.store = SnapshotStore(history, batch_dim=batch_dim)
         base = dict(order=order, sigma=sigma, taylor_form=taylor_form, rank=rank,
@@ -122,6 +124,7 @@ class Forecaster:
             self.candidates = []
         self.fallback_spec = BasisSpec(fallback, **base) if fallback != "reuse" else None
         self.holdouts = int(holdouts)
+        self.blend = float(blend)
         self.stats = ForecastStats()
         self.last_labels: List[str] = []
         self._fits: Dict[Tuple[int, BasisSpec], List[Any]] = {}
@@ -237,13 +240,13 @@ class Forecaster:
         per_item[item] = scores
         return scores
 
-    def _ranked_candidates(self, item: int, horizon: Optional[float] = None) -> List[BasisSpec]:
-        """Auto: candidates ordered by their backcast error on held-out snapshots.  With a
-        ``horizon`` (the distance of the forecast from the newest snapshot), each backcast
-        error is carried to it by the candidate's error model, ``e (horizon / h)^p`` (``h``
-        the horizon of the backcast, ``p`` the basis's ``error_order``): the first window
-        after the warm-up backcasts at the fine warm-up spacing but forecasts the whole
-        cache interval, where a basis whose error grows faster falls behind."""
+    def _carried(self, item: int, horizon: Optional[float] = None) -> List[Tuple[float, int, BasisSpec]]:
+        """Auto: ``(error, rank, spec)`` per candidate that fits, best first: its backcast
+        error on the held-out snapshots, carried to a forecast ``horizon`` away from the
+        newest snapshot (when given) by the candidate's error model, ``e (horizon / h)^p``
+        (``h`` the horizon of the backcast, ``p`` the basis's ``error_order``).  The first
+        window after the warm-up backcasts at the fine warm-up spacing but forecasts the
+        whole cache interval, where a basis whose error grows faster falls behind."""
         ranked = []
         for errs, rank, spec in self._scores(item):
             p = registry.get(spec.name).error_order(spec) if horizon is not None else 0.0
@@ -252,7 +255,29 @@ class Forecaster:
                 total += e * (abs(horizon) / h) ** p if p and h > 0 else e
             ranked.append((total / len(errs), rank, spec))
         ranked.sort(key=lambda s: (s[0], s[1]))
-        return [s[2] for s in ranked] or [BasisSpec("reuse")]
+        return ranked
+
+    def _ranked_candidates(self, item: int, horizon: Optional[float] = None) -> List[BasisSpec]:
+        """Auto: the candidates ordered by :meth:`_carried` (reuse when none fits)."""
+        return [s[2] for s in self._carried(item, horizon)] or [BasisSpec("reuse")]
+
+    def _blended(self, item: int, tq: float, horizon: float,
+                 reasons: List[str]) -> Optional[Tuple[np.ndarray, BasisSpec]]:
+        """Auto with ``blend > 0``: every candidate that serves, weighted by its carried
+        backcast error to the power ``-blend`` (relative to the best one's), and the best
+        candidate; ``None`` when none serves."""
+        got = []
+        for err, _, spec in self._carried(item, horizon):
+            try:
+                got.append((err, spec, self._weights(spec, item, tq)))
+            except FitError as e:
+                reasons.append(f"{spec.name}:{e.reason}")
+        if not got:
+            return None
+        best = max(got[0][0], 1e-300)
+        a = np.array([(best / max(err, 1e-300)) ** self.blend for err, _, _ in got])
+        a /= a.sum()
+        return sum(ai * w for ai, (_, _, w) in zip(a, got)), got[0][1]
 
     def _holdout_weights(self, spec: BasisSpec, item: int, h: int) -> np.ndarray:
         """Weights over snapshots ``0 .. h-1`` forecasting snapshot ``h`` from them.  A fit
@@ -292,6 +317,13 @@ class Forecaster:
         labels, reasons = [], []
         horizon = float(tq) - float(self._window()[0][-1])
         for item in range(self.store.items):
+            if self.backend == "auto" and self.blend > 0:
+                served = self._blended(item, float(tq), horizon, reasons)
+                if served is not None:
+                    W[item], spec = served
+                    labels.append(spec.label)
+                    self.stats.clamped_modes += getattr(self._fit(spec, item).state, "clamped", 0)
+                    continue
             for spec in self.chain(item, horizon):
                 try:
                     W[item] = self._weights(spec, item, float(tq))
@@ -351,6 +383,6 @@ def make_forecaster(name: str = DEFAULT_BACKEND, history: int = 6, **options: An
 
     Options: ``order``, ``sigma``, ``damping``, ``taylor_form`` ("newton" | "taylorseer"),
     ``rank``, ``rank_tol``, ``clamp``, ``fallback``, ``batch_dim``, ``candidates``,
-    ``candidate_damping``, ``holdouts`` (see :class:`hicache3d.CacheConfig`).
+    ``candidate_damping``, ``holdouts``, ``blend`` (see :class:`hicache3d.CacheConfig`).
     """
     return Forecaster(name, history, **options)

@@ -19,7 +19,7 @@ from .exponential import fit_exponential, fit_exponential_batch
 from .polynomial import hermite_weights, lagrange_weights, reuse_weights, taylorseer_weights
 
 __all__ = ["Basis", "Param", "PARAMS", "AUTO", "DEFAULT_BACKEND", "DEFAULT_FALLBACK",
-           "DEFAULT_CANDIDATES", "register", "unregister", "get", "basis_names", "backend_names",
+           "DEFAULT_CANDIDATES", "DEFAULT_BLEND", "register", "unregister", "get", "basis_names", "backend_names",
            "fallback_names", "default", "min_history", "validate_forecast_options"]
 
 AUTO = "auto"
@@ -146,7 +146,7 @@ def validate_forecast_options(*, backend: str, history: int, order: int, sigma: 
                               damping: float, taylor_form: str, rank: int, rank_tol: float,
                               fallback: str, candidates: Sequence[str],
                               candidate_damping: Sequence[float], holdouts: int,
-                              **_other: Any) -> None:
+                              blend: float, **_other: Any) -> None:
     """Raise ValueError (saying what is allowed) on any bad forecast option."""
     backends, bases, fallbacks = backend_names(), basis_names(), fallback_names()
     _check(backend in backends, "backend", f"one of {', '.join(backends)}", backend)
@@ -162,6 +162,7 @@ def validate_forecast_options(*, backend: str, history: int, order: int, sigma: 
     _check(len(candidate_damping) > 0 and all(_is_num(d) and 0 <= d <= 1 for d in candidate_damping),
            "candidate_damping", "a non-empty list of numbers in [0, 1]", candidate_damping)
     _check(_is_int(holdouts) and 1 <= holdouts <= 8, "holdouts", "an integer in [1, 8]", holdouts)
+    _check(_is_num(blend) and 0 <= blend <= 64, "blend", "a number in [0, 64]", blend)
     # a history too short for the basis would silently serve a fallback on every step
     for b in (list(candidates) if backend == AUTO else [backend]):
         need, why = min_history(b, order)
@@ -212,3 +213,4 @@ register(Basis("dmd", lambda spec, t, tq, state: state.weights(tq), ("rank", "ra
 DEFAULT_CANDIDATES: Tuple[str, ...] = basis_names()    # the built-in bases
 DEFAULT_BACKEND = "dmd"
 DEFAULT_FALLBACK = "hermite"
+DEFAULT_BLEND = 2.0      # auto: candidates blended by backcast error ** -2 (CacheConfig.blend)
