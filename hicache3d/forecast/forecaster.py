@@ -54,9 +54,19 @@ class _Fit:
 
     def __init__(self, spec: BasisSpec, t: np.ndarray, state=None):
         self.spec, self.t, self.state = spec, t, state
+        self._memo: Dict[float, np.ndarray] = {}
 
     def weights(self, tq: float) -> np.ndarray:
-        return registry.get(self.spec.name).weights(self.spec, self.t, tq, self.state)
+        if self.state is not None:
+            return registry.get(self.spec.name).weights(self.spec, self.t, tq, self.state)
+        # no fit: one weight vector per horizon, shared by every item of the window (read-only)
+        w = self._memo.get(tq)
+        if w is None:
+            w = np.array(registry.get(self.spec.name).weights(self.spec, self.t, tq, None),
+                         dtype=np.float64)
+            w.setflags(write=False)
+            self._memo[tq] = w
+        return w
 
 
 def fit_basis(spec: BasisSpec, t: np.ndarray, G: np.ndarray, gram_eps: float = 2.2e-16) -> _Fit:
@@ -189,6 +199,9 @@ class Forecaster:
                 fits[item] = fit_basis(spec.undamped(), t[:n], G[item, :n, :n], self.store.gram_eps)
             except (FitError, np.linalg.LinAlgError, ValueError) as e:
                 fits[item] = FitError(getattr(e, "reason", "linalg_error"))
+            if isinstance(fits[item], _Fit) and fits[item].state is None:
+                # a basis without a fit does not look at the data: one for every item
+                fits[:] = [fits[item] if f is None else f for f in fits]
         return fits[item]
 
     def _weights(self, spec: BasisSpec, item: int, tq: float, n: Optional[int] = None) -> np.ndarray:
@@ -261,23 +274,55 @@ class Forecaster:
         """Auto: the candidates ordered by :meth:`_carried` (reuse when none fits)."""
         return [s[2] for s in self._carried(item, horizon)] or [BasisSpec("reuse")]
 
-    def _blended(self, item: int, tq: float, horizon: float,
-                 reasons: List[str]) -> Optional[Tuple[np.ndarray, BasisSpec]]:
-        """Auto with ``blend > 0``: every candidate that serves, weighted by its carried
-        backcast error to the power ``-blend`` (relative to the best one's), and the best
-        candidate; ``None`` when none serves."""
-        got = []
-        for err, _, spec in self._carried(item, horizon):
-            try:
-                got.append((err, spec, self._weights(spec, item, tq)))
-            except FitError as e:
-                reasons.append(f"{spec.name}:{e.reason}")
-        if not got:
-            return None
-        best = max(got[0][0], 1e-300)
-        a = np.array([(best / max(err, 1e-300)) ** self.blend for err, _, _ in got])
-        a /= a.sum()
-        return sum(ai * w for ai, (_, _, w) in zip(a, got)), got[0][1]
+    def _blended(self, tq: float, horizon: float, reasons: List[str]):
+        """Auto with ``blend > 0``, every batch item at once: each candidate that serves,
+        weighted by its carried backcast error to the power ``-blend`` (relative to the
+        best one's).  Returns the weights ``[items, n]``, the best candidate per item, and
+        which items got a blend (the others take the fallback chain).  Damping, finiteness
+        and the plausibility check run over the batch in one go."""
+        t, G = self._window()
+        items, n, C = self.store.items, len(t), len(self.candidates)
+        carried = np.full((items, C), np.inf)
+        for item in range(items):
+            for err, rank, _ in self._carried(item, horizon):
+                carried[item, rank] = err
+        Wc = np.zeros((C, items, n))
+        ok = np.zeros((C, items), dtype=bool)
+        Gn = G[:, :n, :n]
+        top = np.max(np.diagonal(Gn, axis1=1, axis2=2), axis=1)
+        for c, spec in enumerate(self.candidates):
+            for item in np.nonzero(np.isfinite(carried[:, c]))[0]:
+                fit = self._fit(spec, int(item))
+                if isinstance(fit, FitError):
+                    reasons.append(f"{spec.name}:{fit.reason}")
+                    continue
+                Wc[c, item] = fit.weights(tq)
+                ok[c, item] = True
+            if not ok[c].any():
+                continue
+            W = Wc[c]
+            if spec.damping:
+                W *= 1.0 - spec.damping
+                W[:, -1] += spec.damping
+            with np.errstate(all="ignore"):
+                finite = ok[c] & np.all(np.isfinite(W), axis=1) & (np.abs(W).sum(axis=1) <= _MAX_WEIGHT_L1)
+                W[~finite] = 0.0
+                good = finite.copy()
+                if registry.get(spec.name).plausibility:
+                    good &= np.einsum("in,inm,im->i", W, Gn, W) <= _MAX_NORM_RATIO ** 2 * top
+            reasons += [f"{spec.name}:nonfinite_weights"] * int(np.sum(ok[c] & ~finite))
+            reasons += [f"{spec.name}:implausible_forecast"] * int(np.sum(finite & ~good))
+            W[~good] = 0.0
+            ok[c] = good
+        served = ok.any(axis=0)
+        err = np.where(ok.T, carried, np.inf)                       # [items, C]
+        best = np.argmin(err, axis=1)                               # ties: candidate order
+        low = np.maximum(err[np.arange(items), best], 1e-300)[:, None]
+        with np.errstate(all="ignore"):
+            a = np.where(ok.T, (low / np.maximum(err, 1e-300)) ** self.blend, 0.0)
+        a[~served] = 0.0
+        a /= np.maximum(a.sum(axis=1, keepdims=True), 1e-300)
+        return np.einsum("ic,cin->in", a, Wc), [self.candidates[c] for c in best], served
 
     def _holdout_weights(self, spec: BasisSpec, item: int, h: int) -> np.ndarray:
         """Weights over snapshots ``0 .. h-1`` forecasting snapshot ``h`` from them.  A fit
@@ -316,14 +361,14 @@ class Forecaster:
         W = np.zeros((self.store.items, n))
         labels, reasons = [], []
         horizon = float(tq) - float(self._window()[0][-1])
+        blended = self._blended(float(tq), horizon, reasons) if (
+            self.backend == "auto" and self.blend > 0) else None
         for item in range(self.store.items):
-            if self.backend == "auto" and self.blend > 0:
-                served = self._blended(item, float(tq), horizon, reasons)
-                if served is not None:
-                    W[item], spec = served
-                    labels.append(spec.label)
-                    self.stats.clamped_modes += getattr(self._fit(spec, item).state, "clamped", 0)
-                    continue
+            if blended is not None and blended[2][item]:
+                W[item], spec = blended[0][item], blended[1][item]
+                labels.append(spec.label)
+                self.stats.clamped_modes += getattr(self._fit(spec, item).state, "clamped", 0)
+                continue
             for spec in self.chain(item, horizon):
                 try:
                     W[item] = self._weights(spec, item, float(tq))
