@@ -53,6 +53,20 @@ def merge_rows(old: dict, new: dict, bases: list) -> dict:
     return out
 
 
+def with_stored(old: dict, res: dict) -> dict:
+    """``res`` (a run of the adaptive rows) with the fixed rows of the stored sweep ``old``
+    in their place, and the stored notes and the record of re-run bases kept (they are
+    about the fixed rows and the settings, which this run does not change)."""
+    fixed = [dict(r, schedule=r.get("schedule", "fixed"), tolerance=r.get("tolerance"))
+             for r in old["rows"] if r.get("schedule", "fixed") == "fixed"]
+    out = dict(res)
+    out["rows"] = fixed + [r for r in res["rows"] if r["schedule"] == "adaptive"]
+    for key in ("notes", "rerun_bases"):
+        if old.get(key):
+            out[key] = old[key]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="8 shapes, 12 steps, a few settings")
@@ -111,10 +125,7 @@ def main() -> None:
                            "identical": abs(r["iou_mean"] - o["iou_mean"]) < 1e-12})
             say(f"check steps {r['steps']} {check_base} interval {r['interval']}: IoU now "
                 f"{r['iou_mean']:.6f}, stored {o['iou_mean']:.6f}")
-        for r in fixed:
-            r.setdefault("schedule", "fixed")
-            r.setdefault("tolerance", None)
-        res["rows"] = fixed + [r for r in res["rows"] if r["schedule"] == "adaptive"]
+        res = with_stored(old, res)
         res["fixed_rows_check"] = checks
         stem = "fidelity"
     else:

@@ -31,3 +31,21 @@ def test_merge_refuses_other_shapes():
     m = _script()
     with pytest.raises(SystemExit, match="other shapes"):
         m.merge_rows({"shapes": ["a"], "rows": []}, {"shapes": ["b"], "rows": []}, ["dmd"])
+
+
+def test_adaptive_only_keeps_the_stored_fixed_rows_and_notes():
+    """--adaptive-only: the fresh adaptive rows replace the stored ones; the stored fixed
+    rows, notes and re-run record stay (a re-run of the adaptive rows once dropped them)."""
+    m = _script()
+    old = {"shapes": ["a"], "notes": ["how the adaptive rows are set"], "rerun_bases": ["auto"],
+           "rows": [_row("dmd", 12, 3, 0.90), _row("hermite", 12, iou=0.97, schedule="adaptive", tolerance=0.5),
+                    {"backend": "reuse", "steps": 12, "interval": 2, "iou_mean": 0.8}]}
+    res = {"shapes": ["a"], "rows": [_row("hermite", 12, 4, 0.91),
+                                     _row("hermite", 12, iou=0.98, schedule="adaptive", tolerance=0.5),
+                                     _row("auto", 12, iou=0.99, schedule="adaptive", tolerance=1.0)]}
+    out = m.with_stored(old, res)
+    got = [(r["backend"], r["schedule"], r["interval"], r["iou_mean"]) for r in out["rows"]]
+    assert got == [("dmd", "fixed", 3, 0.90), ("reuse", "fixed", 2, 0.8),
+                   ("hermite", "adaptive", None, 0.98), ("auto", "adaptive", None, 0.99)]
+    assert out["notes"] == old["notes"] and out["rerun_bases"] == ["auto"]
+    assert "schedule" not in old["rows"][2]              # the stored rows are not modified

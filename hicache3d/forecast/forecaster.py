@@ -397,9 +397,10 @@ class Forecaster:
     def newest_error(self) -> Optional[np.ndarray]:
         """Relative error per batch item, ``|sum_j w_j V_j - V_new| / |V_new|``, of the
         forecast of the newest snapshot from the snapshots before it, with the basis that
-        would serve each item (the first of :meth:`chain` that fits); computed from the
-        Gram matrix (``w^T G w - 2 w^T g + G_nn``), no pass over the data.  ``None`` with
-        fewer than two snapshots.  The serving labels go to ``last_error_labels``."""
+        would serve each item (the first of :meth:`chain` that fits; for ``auto`` the
+        best-ranked candidate at the backcast's own horizon, not its blend); computed from
+        the Gram matrix (``w^T G w - 2 w^T g + G_nn``), no pass over the data.  ``None``
+        with fewer than two snapshots.  The serving labels go to ``last_error_labels``."""
         if not self.ready() or len(self.store) < 2:
             return None
         t, G = self._window()
