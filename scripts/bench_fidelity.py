@@ -25,7 +25,7 @@ from hicache3d.bench import run_sweep, write_reports  # noqa: E402
 
 BASES = ["reuse", "taylor", "hermite", "dmd", "auto"]
 TOLERANCES = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
-ADAPTIVE_BASES = ["hermite"]
+ADAPTIVE_BASES = ["hermite", "auto"]
 # settings of the adaptive rows (as in recipes/bundled.toml): a warm-up of 2 computed steps,
 # and the budget of a window scaled by the cost of the computes it replaces (the bundled
 # sampler runs two forwards where CFG applies, 0.5 <= t <= 1)
