@@ -29,6 +29,10 @@ from hicache3d.bench import frontier_table, held_out, occupancy_scores, pareto, 
 TOLERANCES = [0.25, 0.5, 1.0, 2.0, 4.0]
 LEVELS = (0.975, 0.98, 0.985, 0.99)
 
+# the settings of the auto variants: auto, the CFG cost (two forwards for 0.5 <= t <= 1),
+# a warm-up of 2
+_AUTO_COST_FE2 = {"backend": "auto", "compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}
+
 # name -> (what it changes, CacheConfig settings, AdaptivePolicy keyword overrides)
 VARIANTS = {
     "base": ("hermite, the schedule as it is", {}, {}),
@@ -61,18 +65,14 @@ VARIANTS = {
     "dmd+cost+fe2": ("dmd basis (rank chosen by backcast), cost, warm-up of 2",
                      {"backend": "dmd", "compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}, {}),
     "auto+cost+fe2": ("auto basis (backcasts carried to the horizon, candidates blended), cost, warm-up of 2",
-                      {"backend": "auto", "compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}, {}),
-    "auto+cost^2+fe2": ("auto, budget scaled by cost squared, warm-up of 2",
-                        {"backend": "auto", "compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2},
+                      _AUTO_COST_FE2, {}),
+    "auto+cost^2+fe2": ("auto, budget scaled by cost squared, warm-up of 2", _AUTO_COST_FE2,
                         {"cost_power": 2.0}),
-    "auto+cost+fe2+q75": ("auto, cost, warm-up of 2, the 75th-percentile item",
-                          {"backend": "auto", "compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2},
+    "auto+cost+fe2+q75": ("auto, cost, warm-up of 2, the 75th-percentile item", _AUTO_COST_FE2,
                           {"quantile": 0.75}),
-    "auto+cost+fe2+p3": ("auto, cost, warm-up of 2, error exponent 3",
-                         {"backend": "auto", "compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2},
+    "auto+cost+fe2+p3": ("auto, cost, warm-up of 2, error exponent 3", _AUTO_COST_FE2,
                          {"exponent": 3.0}),
-    "auto+cost+fe2+dt1.5": ("auto, cost, warm-up of 2, step weights (dt / dt_ref)^1.5",
-                            {"backend": "auto", "compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2},
+    "auto+cost+fe2+dt1.5": ("auto, cost, warm-up of 2, step weights (dt / dt_ref)^1.5", _AUTO_COST_FE2,
                             {"dt_power": 1.5}),
     "fixed-fe3": ("control: hermite fixed interval (the tolerances are intervals), warm-up of 3",
                   {"schedule": "fixed"}, {}),
