@@ -219,3 +219,28 @@ def test_implausible_forecast_falls_back():
     out = fc.predict(10.0)
     assert fc.stats.fallbacks["taylor:implausible_forecast"] == 1
     assert float(out.abs().max()) <= 4.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunked_up_cast_matches_float64_over_many_chunks(monkeypatch, dtype):
+    """A batch whose history spans several up-cast chunks, with a ragged last one: the
+    Gram matrix is the float64 product of the stored values, and a forecast is the
+    weighted sum of them, item by item."""
+    from hicache3d.forecast import store as store_mod
+    monkeypatch.setattr(store_mod, "_CHUNK_ELEMENTS", 3 * 4 * 700)
+    monkeypatch.setattr(store_mod, "_MIN_CHUNK", 16)
+    assert store_mod._chunk_columns(3, 4, 2500) == 700          # 4 chunks, the last ragged
+    g = torch.Generator().manual_seed(11)
+    snaps = [torch.randn(3, 2500, generator=g).to(dtype) for _ in range(4)]
+    st = store_mod.SnapshotStore(4, batch_dim=0)
+    for k, s in enumerate(snaps):
+        st.push(float(k), s)
+    assert st.finalize() is None
+    X = torch.stack([s.double() for s in snaps], 1)               # [items, n, d]
+    np.testing.assert_allclose(st.gram(), (X @ X.transpose(1, 2)).numpy(), rtol=1e-12)
+    W = np.array([[0.5, -1.0, 2.0, 0.25], [1.0, 0.0, -0.5, 0.75], [0.0, 0.0, 0.0, 2.0]])
+    out = st.combine(W)
+    assert out.dtype == dtype
+    ref = torch.einsum("in,ind->id", torch.from_numpy(W), X)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    np.testing.assert_allclose(out.double().numpy(), ref.numpy(), rtol=tol, atol=tol * float(ref.abs().max()))

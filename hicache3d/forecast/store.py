@@ -24,9 +24,15 @@ from ..tree import TreeSpec, flatten, unflatten
 
 __all__ = ["SnapshotStore", "PushResult"]
 
-# columns per chunk when low-precision data is up-cast on the fly (keeps temporaries
-# cache-sized and the extra memory a small fraction of the history)
-_CHUNK = 1 << 16
+# elements per chunk (rows x slots x columns) when data is up-cast on the fly: keeps the
+# temporaries cache-sized and the extra memory a small fraction of the history.  A budget
+# in columns alone made a batch of 32 items up-cast 50 MB per chunk (8x slower)
+_CHUNK_ELEMENTS = 1 << 19
+_MIN_CHUNK = 1024
+
+
+def _chunk_columns(rows: int, cap: int, cols: int) -> int:
+    return min(cols, max(_MIN_CHUNK, _CHUNK_ELEMENTS // max(1, rows * cap)))
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -268,9 +274,10 @@ class SnapshotStore:
         out = torch.zeros((rows, cap, len(slots)), dtype=torch.float64, device=buf.device)
         # one up-cast scratch per call, reused by every chunk: a fresh float64 block per
         # chunk costs an allocation (and, on the CPU, its page faults) each time
-        scratch = torch.empty((rows, cap, min(cols, _CHUNK)), dtype=torch.float64, device=buf.device)
-        for c0 in range(0, cols, _CHUNK):
-            c1 = min(cols, c0 + _CHUNK)
+        chunk = _chunk_columns(rows, cap, cols)
+        scratch = torch.empty((rows, cap, chunk), dtype=torch.float64, device=buf.device)
+        for c0 in range(0, cols, chunk):
+            c1 = min(cols, c0 + chunk)
             blk = scratch[:, :, :c1 - c0]
             blk.copy_(buf[:, :, c0:c1])
             out += torch.bmm(blk, blk.index_select(1, idx).transpose(1, 2))
@@ -330,17 +337,18 @@ class SnapshotStore:
                 return torch.bmm(w_rows.unsqueeze(1), buf).squeeze(1)
             return torch.einsum("rs,rsc->rc", w_rows, buf)
         out = torch.empty((rows, cols), dtype=buf.dtype, device=buf.device)
-        scratch = torch.empty((rows, cap, min(cols, _CHUNK)), dtype=cdt, device=buf.device)
-        for c0 in range(0, cols, _CHUNK):
-            blk = scratch[:, :, :min(cols, c0 + _CHUNK) - c0]
-            blk.copy_(buf[:, :, c0:c0 + _CHUNK])
+        chunk = _chunk_columns(rows, cap, cols)
+        scratch = torch.empty((rows, cap, chunk), dtype=cdt, device=buf.device)
+        for c0 in range(0, cols, chunk):
+            blk = scratch[:, :, :min(cols, c0 + chunk) - c0]
+            blk.copy_(buf[:, :, c0:c0 + chunk])
             if rows == 1:
                 res = w_rows @ blk[0]
             elif leaf.row_items is None:
                 res = torch.bmm(w_rows.unsqueeze(1), blk).squeeze(1)
             else:
                 res = torch.einsum("rs,rsc->rc", w_rows, blk)
-            out[:, c0:c0 + _CHUNK] = res
+            out[:, c0:c0 + chunk] = res
         return out
 
     @staticmethod
