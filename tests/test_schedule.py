@@ -256,7 +256,9 @@ def test_computed_steps_do_not_read_device_values(settings, monkeypatch):
     and a window reads at most twice at its first forecast step (the step times, in one
     batch, and the small Gram matrix), then only the step's own time with horizon="time"."""
     import hicache3d.cache as cache_mod
+    import hicache3d.forecast.store as store_mod
     monkeypatch.setattr(cache_mod, "_on_host", lambda t: not isinstance(t, torch.Tensor))
+    monkeypatch.setattr(store_mod, "_defer_products", lambda device: False)
     cache = VelocityCache(CacheConfig(backend="taylor", first_enhance=3, **settings))
     W = torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.3
     x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -244,3 +244,49 @@ def test_chunked_up_cast_matches_float64_over_many_chunks(monkeypatch, dtype):
     ref = torch.einsum("in,ind->id", torch.from_numpy(W), X)
     tol = 1e-6 if dtype == torch.float32 else 2e-3
     np.testing.assert_allclose(out.double().numpy(), ref.numpy(), rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("backend", ["reuse", "taylor", "hermite"])
+def test_fit_free_bases_make_snapshot_products_only_when_a_check_needs_them(backend, monkeypatch):
+    """On the host, a basis that fits nothing gets only the norms of a new snapshot (its
+    finiteness check); the products with the others are made the first time a forecast's
+    weights could make it too large (L1 norm > 4).  Forecasts, labels and fallbacks are
+    those of a store that makes every product at once, and a non-finite snapshot is
+    still dropped alone."""
+    from hicache3d.forecast import store as store_mod
+    calls = []
+    real_dots = store_mod.SnapshotStore._dots
+    monkeypatch.setattr(store_mod.SnapshotStore, "_dots",
+                        staticmethod(lambda buf, slots: calls.append(list(slots)) or real_dots(buf, slots)))
+    g = torch.Generator().manual_seed(5)
+    A, B = torch.randn(2, 3, 64, generator=g)
+    vel = lambda t: A * np.exp(-0.3 * t) + B * np.cos(0.7 * t)          # noqa: E731
+    eager = make_forecaster(backend, history=5)
+    lazy = make_forecaster(backend, history=5)
+    outs = {}
+    for name, fc in (("eager", eager), ("lazy", lazy)):
+        if name == "eager":
+            monkeypatch.setattr(store_mod, "_defer_products", lambda device: False)
+        else:
+            monkeypatch.setattr(store_mod, "_defer_products", lambda device: True)
+        calls.clear()
+        res = []
+        for k in range(5):
+            fc.push(float(k), vel(k) if k != 2 else torch.full((3, 64), float("inf")))
+        near = fc.predict(4.3)                  # small weights: no products needed
+        near_calls = list(calls)
+        far = fc.predict(9.0)                   # taylor extrapolates with large weights
+        res = (near, far, list(fc.last_labels), dict(fc.stats.fallbacks), dict(fc.stats.restarts),
+               len(fc), near_calls, list(calls))
+        outs[name] = res
+    e, l = outs["eager"], outs["lazy"]
+    assert torch.equal(e[0], l[0]) and torch.equal(e[1], l[1])
+    assert e[2:6] == l[2:6]
+    assert l[4] == {"nonfinite_snapshot": 1} and l[5] == 4
+    assert e[6] and not l[6]                    # eager made them at once, lazy did not
+    big = np.abs(lazy._weights(lazy.chain(0)[0], 0, 9.0)).sum() > 4
+    assert bool(l[7]) == big
+    if backend == "taylor":
+        assert big                              # the far forecast needed them
+    if backend == "reuse":
+        assert not l[7]                         # reuse never does

@@ -140,6 +140,13 @@ class Forecaster:
         self._fits: Dict[Tuple[int, BasisSpec], List[Any]] = {}
         self._choice: Dict[int, List[Any]] = {}
         self._gram_cache: Tuple[int, Any] = (-1, None)
+        self._times_cache: Tuple[int, Any] = (-1, None)
+        # a basis that fits nothing reads the snapshot products only to check a forecast
+        # that could be too large (weights of L1 norm > _MAX_NORM_RATIO): they are made
+        # when first needed, not on every new snapshot
+        self._needs_gram = any(registry.get(s.name).fit is not None or registry.get(s.name).fit_batch
+                               is not None for s in ([self.primary] if self.primary else self.candidates)) \
+            or backend == "auto"
 
     # ------------------------------------------------------------------ history
     def __len__(self) -> int:
@@ -150,6 +157,7 @@ class Forecaster:
         self._fits.clear()
         self._choice.clear()
         self._gram_cache = (-1, None)
+        self._times_cache = (-1, None)
         self.last_labels = []
 
     def push(self, t: float, velocity: Any) -> PushResult:
@@ -160,10 +168,12 @@ class Forecaster:
         self._choice.clear()
         return res
 
-    def ready(self) -> bool:
+    def ready(self, gram: Optional[bool] = None) -> bool:
         """Whether a forecast can be made: brings the Gram matrix up to date (a non-finite
-        snapshot found now drops the history, counted in ``stats.restarts``)."""
-        reason = self.store.finalize()
+        snapshot found now is dropped, counted in ``stats.restarts``).  ``gram``: make the
+        products of the new snapshots with the others now (default: if the basis fits
+        the data), else only their norms, the products waiting for the first use."""
+        reason = self.store.finalize(cross=self._needs_gram if gram is None else gram)
         if reason:
             self.stats.restarts[reason] += 1
             self._fits.clear()
@@ -171,6 +181,12 @@ class Forecaster:
         return len(self.store) > 0
 
     # ------------------------------------------------------------------ fitting
+    def _t(self) -> np.ndarray:
+        v = self.store.version
+        if self._times_cache[0] != v:
+            self._times_cache = (v, self.store.times)
+        return self._times_cache[1]
+
     def _window(self):
         v = self.store.version
         if self._gram_cache[0] != v:
@@ -179,14 +195,26 @@ class Forecaster:
 
     def _fit(self, spec: BasisSpec, item: int, n: Optional[int] = None):
         """Fit (cached per window) of ``spec`` on the first ``n`` snapshots of ``item``."""
-        t, G = self._window()
+        t = self._t()
         n = len(t) if n is None else n
         key = (n, spec.undamped())
         fits = self._fits.get(key)
         if fits is None:
             fits = [None] * self.store.items
             self._fits[key] = fits
-        fit_batch = registry.get(spec.name).fit_batch
+        if fits[item] is not None:
+            return fits[item]
+        basis = registry.get(spec.name)
+        if basis.fit is None and basis.fit_batch is None:
+            # a basis without a fit does not look at the data: one for every item
+            try:
+                fit = fit_basis(spec.undamped(), t[:n], None, self.store.gram_eps)
+            except FitError as e:
+                fit = e
+            fits[:] = [fit if f is None else f for f in fits]
+            return fit
+        t, G = self._window()
+        fit_batch = basis.fit_batch
         if fits[item] is None and fit_batch is not None:
             # every item of the window at once: one batched fit
             s = spec.undamped()
@@ -199,9 +227,6 @@ class Forecaster:
                 fits[item] = fit_basis(spec.undamped(), t[:n], G[item, :n, :n], self.store.gram_eps)
             except (FitError, np.linalg.LinAlgError, ValueError) as e:
                 fits[item] = FitError(getattr(e, "reason", "linalg_error"))
-            if isinstance(fits[item], _Fit) and fits[item].state is None:
-                # a basis without a fit does not look at the data: one for every item
-                fits[:] = [fits[item] if f is None else f for f in fits]
         return fits[item]
 
     def _weights(self, spec: BasisSpec, item: int, tq: float, n: Optional[int] = None) -> np.ndarray:
@@ -216,8 +241,10 @@ class Forecaster:
         w = _damp(np.array(w, dtype=np.float64), spec.damping)
         if not np.all(np.isfinite(w)) or np.abs(w).sum() > _MAX_WEIGHT_L1:
             raise FitError("nonfinite_weights")
-        if registry.get(spec.name).plausibility:
-            # plausibility in Gram space (no pass over the data): |sum w_j V_j|^2 = w^T G w
+        if registry.get(spec.name).plausibility and np.abs(w).sum() > _MAX_NORM_RATIO:
+            # plausibility in Gram space (no pass over the data): |sum w_j V_j|^2 = w^T G w.
+            # Weights of L1 norm <= _MAX_NORM_RATIO pass it whatever the data
+            # (|sum w_j V_j| <= sum |w_j| |V_j|): no need for the products then
             _, G = self._window()
             m = len(w)
             Gi = G[item, :m, :m]
@@ -335,7 +362,7 @@ class Forecaster:
             if held is not None:
                 with np.errstate(all="ignore"):
                     return self._checked(spec, item, held)
-        return self._weights(spec, item, float(self._window()[0][h]), n=h)
+        return self._weights(spec, item, float(self._t()[h]), n=h)
 
     # ------------------------------------------------------------------ predict
     def chain(self, item: int, horizon: Optional[float] = None) -> List[BasisSpec]:
@@ -360,7 +387,7 @@ class Forecaster:
         n = len(self.store)
         W = np.zeros((self.store.items, n))
         labels, reasons = [], []
-        horizon = float(tq) - float(self._window()[0][-1])
+        horizon = float(tq) - float(self._t()[-1])
         blended = self._blended(float(tq), horizon, reasons) if (
             self.backend == "auto" and self.blend > 0) else None
         for item in range(self.store.items):
@@ -401,7 +428,7 @@ class Forecaster:
         best-ranked candidate at the backcast's own horizon, not its blend); computed from
         the Gram matrix (``w^T G w - 2 w^T g + G_nn``), no pass over the data.  ``None``
         with fewer than two snapshots.  The serving labels go to ``last_error_labels``."""
-        if not self.ready() or len(self.store) < 2:
+        if not self.ready(gram=True) or len(self.store) < 2:
             return None
         t, G = self._window()
         n = len(t)

@@ -3,9 +3,11 @@
 Every forecast basis produces weights ``w`` over the stored snapshots; the forecast is
 ``sum_j w_j V_j``.  This module owns the only two passes over the (large) velocity data:
 
-* :meth:`SnapshotStore.push` copies a new snapshot into a preallocated ring buffer and
-  updates the Gram matrix ``G_ij = <V_i, V_j>`` per batch item with one read of the
-  history (O(d n)).
+* :meth:`SnapshotStore.push` copies a new snapshot into a preallocated ring buffer; the
+  first forecast after it (:meth:`SnapshotStore.finalize`) updates the Gram matrix
+  ``G_ij = <V_i, V_j>`` per batch item with one read of the history (O(d n)).  On the
+  host a basis that fits nothing asks only for the new snapshot's norm, and the rest of
+  the update waits for the first :meth:`SnapshotStore.gram`.
 * :meth:`SnapshotStore.combine` evaluates ``sum_j w_j V_j`` with one read of the history.
 
 Leaves are stored as ``[rows, capacity, cols]``; a row belongs to one batch item (a dense
@@ -34,6 +36,13 @@ _MIN_CHUNK = 1024
 def _chunk_columns(rows: int, cap: int, cols: int) -> int:
     return min(cols, max(_MIN_CHUNK, _CHUNK_ELEMENTS // max(1, rows * cap)))
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _defer_products(device: torch.device) -> bool:
+    """Whether the products of a new snapshot with the others may wait for their first use:
+    on the host, where waiting costs nothing; a device makes them at once, in the same
+    transfer as the norms (one round trip per window)."""
+    return device.type == "cpu"
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,6 +83,7 @@ class SnapshotStore:
             return self.clear()
         self._order = []
         self._pending = set()
+        self._cross = set()
         self.version += 1
 
     def clear(self) -> None:
@@ -84,6 +94,7 @@ class SnapshotStore:
         self._gram: Optional[np.ndarray] = None  # [items, cap, cap] float64, slot-indexed
         self.items = 1
         self._pending: set = set()
+        self._cross: set = set()                 # slots whose products with the others wait
         self.version = getattr(self, "version", 0) + 1   # bumps on every push / clear
         self.gram_eps = float(np.finfo(np.float64).eps)
 
@@ -96,7 +107,11 @@ class SnapshotStore:
 
     def gram(self) -> np.ndarray:
         """Gram matrices ``[items, n, n]`` in float64, oldest snapshot first (call
-        :meth:`finalize` first)."""
+        :meth:`finalize` first; products it left out are made now)."""
+        if self._cross:
+            pending, self._pending = self._pending, set()   # only the products left out
+            self.finalize(cross=True)
+            self._pending = pending
         o = self._order
         return self._gram[:, o][:, :, o]
 
@@ -156,6 +171,7 @@ class SnapshotStore:
         self.spec = spec
         self._order, self._times = [], [0.0] * self.capacity
         self._pending = set()
+        self._cross = set()
         self._gram = np.zeros((self.items, self.capacity, self.capacity), dtype=np.float64)
         # products are accumulated in float64; the data's own rounding limits what the
         # Gram matrix can resolve
@@ -210,30 +226,76 @@ class SnapshotStore:
             return next(s for s in range(self.capacity) if s not in used)
         return self._order[0]
 
-    def finalize(self) -> Optional[str]:
+    def finalize(self, cross: bool = True) -> Optional[str]:
         """Bring the Gram matrix up to date with the snapshots pushed since the last call
         (one batched product per leaf, one transfer to the host; deferred so computed steps
         only copy).  Returns ``"nonfinite_snapshot"`` if a pending snapshot was not finite:
         that snapshot alone is dropped (its slot zeroed and freed), every other one is
-        kept."""
-        if not self._pending:
+        kept.
+
+        ``cross=False``: only the norms of the new snapshots (one read of each, enough for
+        the finiteness check); their products with the others wait
+        for the first :meth:`gram` (a basis that fits nothing reads them only to check a
+        forecast that could be too large)."""
+        if not self._pending and not (cross and self._cross):
             return None
         pend = sorted(self._pending)
         self._pending.clear()
+        cross = cross or not all(_defer_products(l.buf.device) for l in self._leaves)
+        if cross:
+            cols = sorted(set(pend) | self._cross)
+            self._cross = set()
+            dots = self._columns(cols, diagonal=False)                 # [items, cap, p]
+            diag = dots[:, cols, np.arange(len(cols))]
+        else:
+            cols = pend
+            diag = self._columns(cols, diagonal=True)                  # [items, p]
+        bad = [s for k, s in enumerate(cols) if s in pend and not np.all(np.isfinite(diag[:, k]))]
+        g = self._gram
+        for k, s in enumerate(cols):
+            if s in bad:
+                continue
+            if cross:
+                g[:, s, :] = dots[:, :, k]
+                g[:, :, s] = dots[:, :, k]
+            else:
+                g[:, s, s] = diag[:, k]
+                self._cross.add(s)
+        if not bad:
+            return None
+        for s in bad:
+            self._order.remove(s)
+            self._cross.discard(s)
+            g[:, s, :] = 0.0
+            g[:, :, s] = 0.0
+            for leaf in self._leaves:
+                leaf.buf[:, s].zero_()                  # a weight of 0 must not meet a NaN
+                leaf.amax[s] = 0.0
+                leaf.amax_host[s] = 0.0
+        self.version += 1
+        return "nonfinite_snapshot"
+
+    def _columns(self, slots: List[int], diagonal: bool) -> np.ndarray:
+        """Products of the snapshots in ``slots`` with every slot (``[items, cap, p]``), or
+        with themselves only (``diagonal``: ``[items, p]``), summed over the leaves, on the
+        host in float64; the low-precision maxima come back in the same transfer."""
         dev_dots = {}
         for leaf in self._leaves:
-            d = self._dots(leaf.buf, pend)                             # [rows, cap, p]
+            if diagonal:
+                d = self._norms2(leaf.buf, slots)                      # [rows, p]
+            else:
+                d = self._dots(leaf.buf, slots)                        # [rows, cap, p]
             if leaf.row_items is not None:
                 acc = torch.zeros((self.items,) + tuple(d.shape[1:]), dtype=torch.float64,
                                   device=d.device)
                 acc.index_add_(0, leaf.row_items, d)
                 d = acc
             elif d.shape[0] != self.items:                             # unbatched leaf
-                d = d.sum(0, keepdim=True).expand(self.items, -1, -1)
+                d = d.sum(0, keepdim=True).expand((self.items,) + tuple(d.shape[1:]))
             prev = dev_dots.get(d.device)
             dev_dots[d.device] = d if prev is None else prev + d
-        # one host transfer per device: the Gram columns and the low-precision maxima
-        dots = np.zeros((self.items, self.capacity, len(pend)), dtype=np.float64)
+        shape = (self.items, len(slots)) if diagonal else (self.items, self.capacity, len(slots))
+        dots = np.zeros(shape, dtype=np.float64)
         low = [l for l in self._leaves if l.buf.dtype in _LOW_PRECISION]
         for dev, d in dev_dots.items():
             parts = [d.reshape(-1)] + [l.amax.to(torch.float64) for l in low if l.amax.device == dev]
@@ -243,25 +305,21 @@ class SnapshotStore:
             for l in [l for l in low if l.amax.device == dev]:
                 l.amax_host = host[off:off + self.capacity].copy()
                 off += self.capacity
-        diag = dots[:, pend, np.arange(len(pend))]
-        bad = [s for k, s in enumerate(pend) if not np.all(np.isfinite(diag[:, k]))]
-        g = self._gram
-        for k, s in enumerate(pend):
-            if s not in bad:
-                g[:, s, :] = dots[:, :, k]
-                g[:, :, s] = dots[:, :, k]
-        if not bad:
-            return None
-        for s in bad:
-            self._order.remove(s)
-            g[:, s, :] = 0.0
-            g[:, :, s] = 0.0
-            for leaf in self._leaves:
-                leaf.buf[:, s].zero_()                  # a weight of 0 must not meet a NaN
-                leaf.amax[s] = 0.0
-                leaf.amax_host[s] = 0.0
-        self.version += 1
-        return "nonfinite_snapshot"
+        return dots
+
+    @staticmethod
+    def _norms2(buf: torch.Tensor, slots: List[int]) -> torch.Tensor:
+        """``|buf[r, s, :]|^2`` for every row and slot in ``slots``, accumulated in float64."""
+        rows, cap, cols = buf.shape
+        out = torch.zeros((rows, len(slots)), dtype=torch.float64, device=buf.device)
+        chunk = _chunk_columns(rows, 1, cols)
+        scratch = torch.empty((rows, min(cols, chunk)), dtype=torch.float64, device=buf.device)
+        for k, s in enumerate(slots):
+            for c0 in range(0, cols, chunk):
+                blk = scratch[:, :min(cols, c0 + chunk) - c0]
+                blk.copy_(buf[:, s, c0:c0 + chunk])
+                out[:, k] += torch.einsum("rc,rc->r", blk, blk)
+        return out
 
     @staticmethod
     def _dots(buf: torch.Tensor, slots: List[int]) -> torch.Tensor:
