@@ -56,7 +56,10 @@ class CacheStats:
     snapshot history was restarted.  ``reasons``: why steps were computed (``warm-up``,
     ``cadence``, ``budget`` ...).  ``skipped``: steps that needed no velocity at all
     (``dt = 0``).  ``trace``: one :class:`StepRecord` per step of this run (not kept by
-    :meth:`merge`).  Times are wall-clock seconds.
+    :meth:`merge`).  Times are wall-clock seconds: ``compute_time_s`` in the network
+    (with the copy of its output into the history), ``forecast_time_s`` everything else
+    the cache did: deciding, bringing the history up to date (the Gram products, the
+    adaptive schedule's measured error), the fits and the forecasts.
     """
 
     computed: int = 0
@@ -283,6 +286,7 @@ class VelocityCache:
         ``force_compute`` / ``force_forecast``: the caller's sampler has decided (its own
         schedule); the step is still recorded here.  A forecast is impossible with no
         usable snapshot, so ``force_forecast`` then computes."""
+        t_start = time.perf_counter()
         self._note_time(t)
         f = self.forecaster
         reason = FORCED if force_compute else (None if force_forecast else self._decide())
@@ -291,6 +295,7 @@ class VelocityCache:
             if not f.ready():
                 reason = NO_HISTORY
         i = self.step_index
+        self.stats.forecast_time_s += time.perf_counter() - t_start     # deciding
         if reason is not None:
             t0 = time.perf_counter()
             v = compute()

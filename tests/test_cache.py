@@ -137,3 +137,25 @@ def test_adaptive_cfg_skips_uncond_when_aligned_and_rechecks():
 def test_adaptive_cfg_validates():
     with pytest.raises(ValueError, match="gamma"):
         AdaptiveCFG(gamma=2.0)
+
+
+def test_forecast_time_counts_the_history_update_and_the_decisions(monkeypatch):
+    """``forecast_time_s`` is all the cache's own time: the Gram update made at the first
+    forecast after a computed step happens outside the forecast itself, and counts."""
+    import time as time_mod
+
+    from hicache3d.forecast.store import SnapshotStore
+    real = SnapshotStore.finalize
+    made = []
+
+    def slow(self, cross=True):
+        if self._pending:
+            made.append(1)
+            time_mod.sleep(0.02)
+        return real(self, cross)
+    monkeypatch.setattr(SnapshotStore, "finalize", slow)
+    cache = VelocityCache(CacheConfig(backend="dmd", interval=3, first_enhance=2))
+    for i in range(9):
+        cache.step(i, lambda: torch.full((1, 4), float(i)))
+    assert made and cache.stats.forecast > 0
+    assert cache.stats.forecast_time_s >= 0.02 * len(made)
