@@ -172,7 +172,7 @@ def main() -> None:
     if "forecast_cost" in res:
         md += [f"## Steady-state forecast cost, d = {a.dim}, history {a.history}, float32, one item", "",
                f"Per window: push one snapshot, then {a.k} predictions at horizons never asked "
-               f"before (medians over {a.windows} windows; the Gram update of the pushed snapshot, made at the first prediction, included); against one weighted sum over the same "
+               f"before (medians over {a.windows} windows; the Gram update of the pushed snapshot, made at the first prediction, included: for reuse, taylor and hermite only its norm unless a forecast's weights call for the size check); against one weighted sum over the same "
                "history (target <= 1.5x).", "",
                "The fastest window of each side is given too: a fresh output of 16 MB page-faults "
                "(1-30 ms on this machine, on both sides alike), which the medians include.", "",
