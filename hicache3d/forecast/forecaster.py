@@ -144,9 +144,9 @@ class Forecaster:
         # a basis that fits nothing reads the snapshot products only to check a forecast
         # that could be too large (weights of L1 norm > _MAX_NORM_RATIO): they are made
         # when first needed, not on every new snapshot
-        self._needs_gram = any(registry.get(s.name).fit is not None or registry.get(s.name).fit_batch
-                               is not None for s in ([self.primary] if self.primary else self.candidates)) \
-            or backend == "auto"
+        fitted = [registry.get(s.name) for s in ([self.primary] if self.primary else self.candidates)]
+        self._needs_gram = backend == "auto" or any(
+            b.fit is not None or b.fit_batch is not None for b in fitted)
 
     # ------------------------------------------------------------------ history
     def __len__(self) -> int:

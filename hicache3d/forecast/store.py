@@ -31,11 +31,11 @@ __all__ = ["SnapshotStore", "PushResult"]
 # in columns alone made a batch of 32 items up-cast 50 MB per chunk (8x slower)
 _CHUNK_ELEMENTS = 1 << 19
 _MIN_CHUNK = 1024
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _chunk_columns(rows: int, cap: int, cols: int) -> int:
     return min(cols, max(_MIN_CHUNK, _CHUNK_ELEMENTS // max(1, rows * cap)))
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _defer_products(device: torch.device) -> bool:
@@ -234,9 +234,9 @@ class SnapshotStore:
         kept.
 
         ``cross=False``: only the norms of the new snapshots (one read of each, enough for
-        the finiteness check); their products with the others wait
-        for the first :meth:`gram` (a basis that fits nothing reads them only to check a
-        forecast that could be too large)."""
+        the finiteness check); their products with the others wait for the first
+        :meth:`gram` (a basis that fits nothing reads them only to check a forecast that
+        could be too large).  Data off the host always gets every product at once."""
         if not self._pending and not (cross and self._cross):
             return None
         pend = sorted(self._pending)
