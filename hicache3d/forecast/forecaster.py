@@ -79,6 +79,12 @@ def fit_basis(spec: BasisSpec, t: np.ndarray, G: np.ndarray, gram_eps: float = 2
     return _Fit(spec, t)
 
 
+def _fits_data(spec: BasisSpec) -> bool:
+    """Whether ``spec``'s basis fits the data (reads the Gram matrix for its weights)."""
+    basis = registry.get(spec.name)
+    return basis.fit is not None or basis.fit_batch is not None
+
+
 def _damp(w: np.ndarray, damping: float) -> np.ndarray:
     if not damping:
         return w
@@ -144,9 +150,8 @@ class Forecaster:
         # a basis that fits nothing reads the snapshot products only to check a forecast
         # that could be too large (weights of L1 norm > _MAX_NORM_RATIO): they are made
         # when first needed, not on every new snapshot
-        fitted = [registry.get(s.name) for s in ([self.primary] if self.primary else self.candidates)]
         self._needs_gram = backend == "auto" or any(
-            b.fit is not None or b.fit_batch is not None for b in fitted)
+            _fits_data(s) for s in ([self.primary] if self.primary else self.candidates))
 
     # ------------------------------------------------------------------ history
     def __len__(self) -> int:
@@ -190,7 +195,7 @@ class Forecaster:
     def _window(self):
         v = self.store.version
         if self._gram_cache[0] != v:
-            self._gram_cache = (v, (self.store.times, self.store.gram()))
+            self._gram_cache = (v, (self._t(), self.store.gram()))
         return self._gram_cache[1]
 
     def _fit(self, spec: BasisSpec, item: int, n: Optional[int] = None):
@@ -204,8 +209,7 @@ class Forecaster:
             self._fits[key] = fits
         if fits[item] is not None:
             return fits[item]
-        basis = registry.get(spec.name)
-        if basis.fit is None and basis.fit_batch is None:
+        if not _fits_data(spec):
             # a basis without a fit does not look at the data: one for every item
             try:
                 fit = fit_basis(spec.undamped(), t[:n], None, self.store.gram_eps)
@@ -214,8 +218,8 @@ class Forecaster:
             fits[:] = [fit if f is None else f for f in fits]
             return fit
         t, G = self._window()
-        fit_batch = basis.fit_batch
-        if fits[item] is None and fit_batch is not None:
+        fit_batch = registry.get(spec.name).fit_batch
+        if fit_batch is not None:
             # every item of the window at once: one batched fit
             s = spec.undamped()
             todo = [i for i in range(self.store.items) if fits[i] is None]
