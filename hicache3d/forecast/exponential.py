@@ -127,9 +127,13 @@ def _memo(kind: str, a: np.ndarray, compute):
 
 def _pod(G: np.ndarray, tol: float, max_rank: Optional[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """POD of the snapshots from their Gram matrix: ``(Y [r, n], coef [n, r], s [r])``."""
+    return _memo(("pod", tol, max_rank), G, lambda: _pod_of(G, tol, max_rank))
+
+
+def _pod_of(G: np.ndarray, tol: float, max_rank: Optional[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not np.all(np.isfinite(G)):
         raise FitError("nonfinite_gram")
-    lam, W = _memo("eigh", G, lambda: np.linalg.eigh(0.5 * (G + G.T)))
+    lam, W = np.linalg.eigh(0.5 * (G + G.T))
     lam, W = lam[::-1], W[:, ::-1]
     if lam[0] <= 0:
         raise FitError("zero_history")
