@@ -200,11 +200,45 @@ def _vp_residual(Y: np.ndarray, tr: np.ndarray, p: np.ndarray):
     return out, B
 
 
-def _varpro_batch(Y: np.ndarray, tr: np.ndarray, mu0: np.ndarray, iters: int = 25):
+def _vp_jacobian(Y: np.ndarray, tr: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Jacobian ``[P, 2 r n, 2K]`` of :func:`_vp_residual` with respect to ``p`` (real
+    parts of the rates, then imaginary parts), in closed form (Golub & Pereyra 1973):
+    with ``A = E^T``, the projector ``P = I - A A^+`` and ``res = P y`` for every row
+    ``y`` of ``Y``, ``d res = -P dA b - (A^+)^H dA^H res``; ``dA`` for a rate is its
+    column times ``tr`` (times ``i`` for an imaginary part)."""
+    K = p.shape[1] // 2
+    mu = p[:, :K] + 1j * p[:, K:]
+    A = np.exp(mu[:, None, :] * tr[None, :, None])                      # [P, n, K]
+    Q, R = np.linalg.qr(A)
+    diag = np.abs(np.diagonal(R, axis1=1, axis2=2))
+    tiny = diag <= 1e-14 * np.maximum(diag.max(axis=1, keepdims=True), 1e-300)
+    R = R + np.where(tiny, 1e-14, 0.0)[:, :, None] * np.eye(K)[None]
+    Qh = np.conj(np.swapaxes(Q, 1, 2))
+    B = np.swapaxes(np.linalg.solve(R, Qh @ np.swapaxes(Y, 1, 2)), 1, 2)  # [P, r, K]
+    Res = Y - B @ np.swapaxes(A, 1, 2)                                  # [P, r, n]
+    D = tr[None, :, None] * A                                           # dA / dmu, by column
+    PD = D - Q @ (Qh @ D)                                               # [P, n, K]
+    M = np.swapaxes(np.conj(np.linalg.solve(R, Qh)), 1, 2)              # (A^+)^H  [P, n, K]
+    S = Res @ np.conj(D)                                                # D^H res  [P, r, K]
+    T1 = B[:, :, None, :] * PD[:, None, :, :]                           # [P, r, n, K]
+    T2 = S[:, :, None, :] * M[:, None, :, :]
+    d_re = -(T1 + T2)
+    d_im = -1j * (T1 - T2)
+    P_ = len(p)
+    J = np.concatenate([np.concatenate([d_re.real, d_im.real], axis=3).reshape(P_, -1, 2 * K),
+                        np.concatenate([d_re.imag, d_im.imag], axis=3).reshape(P_, -1, 2 * K)], axis=1)
+    return J
+
+
+def _varpro_batch(Y: np.ndarray, tr: np.ndarray, mu0: np.ndarray, iters: int = 25,
+                  split: bool = True):
     """Levenberg-Marquardt on the variable-projection residual ``Y - B(mu) E(mu)`` for a
     stack of problems with the same positions ``tr`` (scaled, newest at 0) and number of
     rates: ``Y [P, r, n]``, ``mu0 [P, K]``.  Every problem keeps its own damping and
-    stops on its own.  Returns ``(mu [P, K], B [P, r, K], relative residual [P])``."""
+    stops on its own; the Jacobian is the closed form of :func:`_vp_jacobian`.  ``split``:
+    a problem that ends with two real rates run together is fitted again from the
+    conjugate pair around them, and the better fit is kept.  Returns ``(mu [P, K],
+    B [P, r, K], relative residual [P])``."""
     P, K = mu0.shape
     ynorm = np.sqrt(np.sum(Y * Y, axis=(1, 2)))
     ynorm = np.where(ynorm > 0, ynorm, 1.0)
@@ -225,15 +259,9 @@ def _varpro_batch(Y: np.ndarray, tr: np.ndarray, mu0: np.ndarray, iters: int = 2
             break
         idx = np.nonzero(active)[0]
         pa, ra = p[idx], r[idx]
-        h = 1e-7 * np.maximum(1.0, np.abs(pa))                             # [A, 2K]
-        # forward differences, every perturbed parameter of every problem in one call
-        A_ = len(idx)
-        q = np.repeat(pa[None], 2 * K, axis=0)                              # [2K, A, 2K]
-        q[np.arange(2 * K), :, np.arange(2 * K)] += h.T
-        rk = _vp_residual(np.tile(Y[idx], (2 * K, 1, 1)), tr, q.reshape(2 * K * A_, 2 * K))[0]
-        rk = rk.reshape(2 * K, A_, -1) / ynorm[idx][None, :, None]
-        rk = np.where(np.isfinite(rk), rk, ra[None])
-        J = np.ascontiguousarray(np.moveaxis((rk - ra[None]) / h.T[:, :, None], 0, 2))  # [A, m, 2K]
+        with np.errstate(over="ignore", invalid="ignore"):
+            J = _vp_jacobian(Y[idx], tr, pa) / ynorm[idx][:, None, None]     # [A, m, 2K]
+        J = np.where(np.isfinite(J), J, 0.0)
         JtJ = np.swapaxes(J, 1, 2) @ J
         Jtr = np.einsum("amk,am->ak", J, ra)
         dg = np.diagonal(JtJ, axis1=1, axis2=2)
@@ -272,8 +300,39 @@ def _varpro_batch(Y: np.ndarray, tr: np.ndarray, mu0: np.ndarray, iters: int = 2
         damp[idx] = da
         # stop: no improvement in 8 tries, a negligible gain, or an exact fit
         active[idx] = ~pending & (gain >= _LM_GAIN) & (f[idx] >= 1e-30)
-    scale_p = p[:, :K] + 1j * p[:, K:]
-    return scale_p, B, np.sqrt(f)
+    mu = p[:, :K] + 1j * p[:, K:]
+    res = np.sqrt(f)
+    if split:
+        # real rates never become complex under an exact Jacobian (with real data the
+        # residual is even in every imaginary part there): where two real rates have run
+        # together, the fit wanted an oscillating pair; try that pair as a second start
+        idx, mu2 = _split_double_roots(mu)
+        if len(idx):
+            mu_s, B_s, res_s = _varpro_batch(Y[idx], tr, mu2, iters, split=False)
+            better = np.isfinite(res_s) & ~(res_s >= res[idx])
+            j = idx[better]
+            mu[j], B[j], res[j] = mu_s[better], B_s[better], res_s[better]
+    return mu, B, res
+
+
+def _split_double_roots(mu: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The problems of ``mu [P, K]`` (scaled rates) with two real rates closer than 1%,
+    and their rates with that pair turned into a complex-conjugate pair around its mean."""
+    P, K = mu.shape
+    if K < 2:
+        return np.zeros(0, dtype=int), mu[:0]
+    real = np.abs(mu.imag) <= 1e-9 * (1.0 + np.abs(mu))
+    gap = np.abs(mu[:, :, None] - mu[:, None, :])
+    close = (gap <= 1e-2 * (1.0 + np.abs(mu[:, :, None]))) & real[:, :, None] & real[:, None, :]
+    close &= np.triu(np.ones((K, K), dtype=bool), 1)[None]
+    idx = np.nonzero(close.reshape(P, -1).any(axis=1))[0]
+    out = mu[idx].copy()
+    for row, q in enumerate(idx):
+        j, k = np.unravel_index(np.argmax(close[q].reshape(-1)), (K, K))
+        c = 0.5 * (mu[q, j].real + mu[q, k].real)
+        w = 0.5 * abs(c) + 0.1
+        out[row, j], out[row, k] = c + 1j * w, c - 1j * w
+    return idx, out
 
 
 def _finish(t: np.ndarray, Y: np.ndarray, coef: np.ndarray, rates: np.ndarray, modes: np.ndarray,
