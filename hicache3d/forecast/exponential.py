@@ -174,6 +174,16 @@ def _rates(lam: np.ndarray, spacing: float) -> np.ndarray:
     return np.where(small, _ZERO_RATE / abs(spacing), mu)
 
 
+def _qr(A: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Reduced QR of a stack ``A [P, n, K]``, with ``R``'s negligible diagonal entries
+    lifted to 1e-14 (coinciding rates) so that solves with it stay finite."""
+    Q, R = np.linalg.qr(A)
+    K = R.shape[-1]
+    diag = np.abs(np.diagonal(R, axis1=1, axis2=2))
+    tiny = diag <= 1e-14 * np.maximum(diag.max(axis=1, keepdims=True), 1e-300)
+    return Q, R + np.where(tiny, 1e-14, 0.0)[:, :, None] * np.eye(K)[None]
+
+
 def _vp_residual(Y: np.ndarray, tr: np.ndarray, p: np.ndarray):
     """Variable-projection residuals of a stack of problems: ``Y [P, r, n]`` (zero rows
     pad the smaller ones), rates ``p [P, 2K]`` (real parts, then imaginary parts).
@@ -188,10 +198,7 @@ def _vp_residual(Y: np.ndarray, tr: np.ndarray, p: np.ndarray):
     if bad.any():
         E = np.where(bad[:, None, None], 0.0, E)
     # amplitudes by least squares, stable (QR of E^T, no normal equations)
-    Q, R = np.linalg.qr(np.swapaxes(E, 1, 2))                          # [P, n, K], [P, K, K]
-    diag = np.abs(np.diagonal(R, axis1=1, axis2=2))
-    tiny = diag <= 1e-14 * np.maximum(diag.max(axis=1, keepdims=True), 1e-300)
-    R = R + np.where(tiny, 1e-14, 0.0)[:, :, None] * np.eye(K)[None]
+    Q, R = _qr(np.swapaxes(E, 1, 2))                                   # [P, n, K], [P, K, K]
     Bt = np.linalg.solve(R, np.conj(np.swapaxes(Q, 1, 2)) @ np.swapaxes(Y, 1, 2))  # [P, K, r]
     B = np.swapaxes(Bt, 1, 2)
     Res = Y - B @ E
@@ -209,10 +216,7 @@ def _vp_jacobian(Y: np.ndarray, tr: np.ndarray, p: np.ndarray) -> np.ndarray:
     K = p.shape[1] // 2
     mu = p[:, :K] + 1j * p[:, K:]
     A = np.exp(mu[:, None, :] * tr[None, :, None])                      # [P, n, K]
-    Q, R = np.linalg.qr(A)
-    diag = np.abs(np.diagonal(R, axis1=1, axis2=2))
-    tiny = diag <= 1e-14 * np.maximum(diag.max(axis=1, keepdims=True), 1e-300)
-    R = R + np.where(tiny, 1e-14, 0.0)[:, :, None] * np.eye(K)[None]
+    Q, R = _qr(A)
     Qh = np.conj(np.swapaxes(Q, 1, 2))
     B = np.swapaxes(np.linalg.solve(R, Qh @ np.swapaxes(Y, 1, 2)), 1, 2)  # [P, r, K]
     Res = Y - B @ np.swapaxes(A, 1, 2)                                  # [P, r, n]
