@@ -98,12 +98,16 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
               progress: Optional[Callable[[str], None]] = None,
               checkpoint: Optional[Callable[[Dict[str, Any]], None]] = None,
               adaptive: Optional[Mapping[str, Sequence[float]]] = None,
-              adaptive_options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+              adaptive_options: Optional[Mapping[str, Any]] = None,
+              per_item: Optional[Mapping[str, Sequence[float]]] = None) -> Dict[str, Any]:
     """Run the sweep on the bundled generator; returns a JSON-ready dict.
 
     ``backends`` x ``intervals``: fixed-cadence rows.  ``adaptive``: ``{backend:
     [tolerance, ...]}``, rows of the error-controlled schedule (``adaptive_options``:
-    further settings of those rows, e.g. ``max_skip``).  Every run goes through the
+    further settings of those rows, e.g. ``max_skip``).  ``per_item``: ``{backend:
+    [tolerance, ...]}``, adaptive rows run one shape per call, as ``hicache3d generate``
+    runs (each shape's schedule decided on that shape alone; same noise, so the same samples
+    as the batched rows).  Every run goes through the
     bundled pipeline of ``hicache3d tune`` (:class:`hicache3d.tune_pipelines.BundledPipeline`):
     the reference really uncached, the same counting, timing and scores."""
     from .tune_pipelines import BundledPipeline
@@ -130,22 +134,38 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
             t_ref = pipe.run(cond, steps=S, seed=seed, recipe=None).seconds
             base.setdefault("seconds_remeasured", []).append(t_ref)
             settings = [dict(schedule="fixed", interval=iv) for iv in intervals]
-            settings += [dict(schedule="adaptive", tolerance=float(tol), **dict(adaptive_options or {}))
+            settings = [(st, False) for st in settings]
+            settings += [(dict(schedule="adaptive", tolerance=float(tol), **dict(adaptive_options or {})), False)
                          for tol in (adaptive or {}).get(b, [])]
-            for st in settings:
+            items = (per_item or {}).get(b, [])
+            if items:
+                # one call per shape: timed against the uncached run made the same way
+                ref_item = pipe.run(cond, steps=S, seed=seed, recipe=None, per_item=True)
+                t_item = ref_item.seconds
+                base.setdefault("seconds_per_item", []).append(t_item)
+                base["network_forwards_per_item"] = ref_item.forwards
+            settings += [(dict(schedule="adaptive", tolerance=float(tol), **dict(adaptive_options or {})), True)
+                         for tol in items]
+            for st, one in settings:
                 kw = dict(backend=b, first_enhance=first_enhance)
                 kw.update(st)                # adaptive_options may set their own warm-up
                 recipe = pipe.recipe.with_settings(kw)
-                out = pipe.run(cond, steps=S, seed=seed, recipe=recipe)
+                out = (pipe.run(cond, steps=S, seed=seed, recipe=recipe, per_item=True) if one
+                       else pipe.run(cond, steps=S, seed=seed, recipe=recipe))
                 site = out.stats["sites"]["sparse_structure"]
                 sc = _scores(pipe, out, ref, tau)
+                runs = out.stats["runs"]
                 row = {"steps": S, "backend": b, "schedule": st.get("schedule", "fixed"),
                        "interval": st.get("interval"), "tolerance": st.get("tolerance"),
-                       "seconds": out.seconds, "speedup": t_ref / out.seconds, "network_forwards": out.forwards,
-                       "forward_ratio": ref.forwards / max(out.forwards, 1),
+                       "seconds": out.seconds, "speedup": (t_item if one else t_ref) / out.seconds,
+                       "network_forwards": out.forwards,
+                       "forward_ratio": (ref_item if one else ref).forwards / max(out.forwards, 1),
                        "per_basis": site["per_basis"], "fallbacks": site["fallbacks"],
-                       "pattern": out.stats["runs"][-1]["sites"]["sparse_structure"].get("pattern"),
+                       "pattern": runs[-1]["sites"]["sparse_structure"].get("pattern"),
                        **summarize(sc)}
+                if one:
+                    row["per_item"] = True
+                    row["patterns"] = [r["sites"]["sparse_structure"].get("pattern") for r in runs]
                 if st.get("schedule") == "adaptive" and adaptive_options:
                     row["options"] = dict(adaptive_options)
                 rows.append(row)
@@ -159,7 +179,7 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
 
 def _setting(r: Mapping[str, Any]) -> str:
     if r.get("schedule", "fixed") == "adaptive":
-        return f"adaptive tol {r['tolerance']:g}"
+        return f"adaptive tol {r['tolerance']:g}" + (" per shape" if r.get("per_item") else "")
     return f"interval {r['interval']}"
 
 
@@ -189,13 +209,19 @@ def frontier_table(rows: Sequence[Mapping[str, Any]],
     for S in sorted({int(r["steps"]) for r in rows}):
         rs = [r for r in rows if int(r["steps"]) == S]
         fixed = pareto([r for r in rs if r.get("schedule", "fixed") == "fixed"])
-        adapt = pareto([r for r in rs if r.get("schedule") == "adaptive"])
+        adapt = pareto([r for r in rs if r.get("schedule") == "adaptive" and not r.get("per_item")])
+        items = pareto([r for r in rs if r.get("schedule") == "adaptive" and r.get("per_item")])
         for lv in levels:
             f, a = ratio_at(fixed, lv), ratio_at(adapt, lv)
-            out.append({"steps": S, "iou": lv, "fixed_ratio": f, "adaptive_ratio": a,
-                        "fixed_min": ratio_at(fixed, lv, "iou_min"),
-                        "adaptive_min": ratio_at(adapt, lv, "iou_min"),
-                        "gain": (a / f - 1.0) if (a and f) else None})
+            row = {"steps": S, "iou": lv, "fixed_ratio": f, "adaptive_ratio": a,
+                   "fixed_min": ratio_at(fixed, lv, "iou_min"),
+                   "adaptive_min": ratio_at(adapt, lv, "iou_min"),
+                   "gain": (a / f - 1.0) if (a and f) else None}
+            if items:
+                p = ratio_at(items, lv)
+                row.update({"per_item_ratio": p, "per_item_min": ratio_at(items, lv, "iou_min"),
+                            "per_item_gain": (p / f - 1.0) if (p and f) else None})
+            out.append(row)
     return out
 
 
@@ -261,9 +287,10 @@ def write_reports(res: Dict[str, Any], out: Path, stem: str = "fidelity") -> Lis
             if rr:
                 ax.plot([r["forward_ratio"] for r in rr], [r["iou_mean"] for r in rr], "o-", label=b,
                         ms=3, lw=0.8, alpha=0.6)
-        for name, sel, style in (("fixed-interval frontier", "fixed", "k--"),
-                                 ("adaptive frontier", "adaptive", "r-")):
-            fr = pareto([r for r in rs if r.get("schedule", "fixed") == sel])
+        for name, sel, one, style in (("fixed-interval frontier", "fixed", False, "k--"),
+                                      ("adaptive frontier (batch)", "adaptive", False, "r-"),
+                                      ("adaptive frontier (per shape)", "adaptive", True, "b-")):
+            fr = pareto([r for r in rs if r.get("schedule", "fixed") == sel and bool(r.get("per_item")) == one])
             if fr:
                 ax.plot([r["forward_ratio"] for r in fr], [r["iou_mean"] for r in fr], style,
                         marker="s" if sel == "adaptive" else None, ms=5, lw=2, label=name)
@@ -291,18 +318,29 @@ def _frontier_md(res: Dict[str, Any]) -> List[str]:
     if not fr:
         return []
     f = lambda x, fmt: "–" if x is None else format(x, fmt)  # noqa: E731
+    per = any("per_item_ratio" in r for r in fr)
     lines = ["## Adaptive vs fixed interval at matched mean IoU", "",
              "Forward ratio (uncached / cached network forwards) of the adaptive frontier and of "
              "the best fixed-interval frontier of any basis, linearly interpolated between their "
              "Pareto points at each mean IoU; per-sample minimum IoU interpolated the same way. "
              "`gain` = adaptive / fixed − 1 (– where a frontier does not reach that IoU).", "",
-             "| steps | mean IoU | fixed fwd ratio | adaptive fwd ratio | gain | fixed min IoU | adaptive min IoU |",
-             "|---|---|---|---|---|---|---|"]
+             "| steps | mean IoU | fixed fwd ratio | adaptive fwd ratio | gain | fixed min IoU | adaptive min IoU |"
+             + (" per shape fwd ratio | gain | per shape min IoU |" if per else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|---|" if per else "")]
+    g = lambda x: "–" if x is None else format(100 * x, "+.0f") + "%"  # noqa: E731
     for r in fr:
-        lines.append(f"| {r['steps']} | {r['iou']:.3f} | {f(r['fixed_ratio'], '.2f')} | "
-                     f"{f(r['adaptive_ratio'], '.2f')} | "
-                     f"{'–' if r['gain'] is None else format(100 * r['gain'], '+.0f') + '%'} | "
-                     f"{f(r['fixed_min'], '.3f')} | {f(r['adaptive_min'], '.3f')} |")
+        line = (f"| {r['steps']} | {r['iou']:.3f} | {f(r['fixed_ratio'], '.2f')} | "
+                f"{f(r['adaptive_ratio'], '.2f')} | {g(r['gain'])} | "
+                f"{f(r['fixed_min'], '.3f')} | {f(r['adaptive_min'], '.3f')} |")
+        if per:
+            line += (f" {f(r.get('per_item_ratio'), '.2f')} | {g(r.get('per_item_gain'))} | "
+                     f"{f(r.get('per_item_min'), '.3f')} |")
+        lines.append(line)
+    if per:
+        lines += ["", "`per shape`: the adaptive rows run one shape per call, as `hicache3d generate` "
+                  "runs, so each shape's schedule is decided on that shape alone (the batched rows "
+                  "decide one schedule for the batch, on its worst item); same noise, so the same "
+                  "samples and the same uncached reference."]
     return lines + [""]
 
 

@@ -1,6 +1,8 @@
 """The fidelity benchmark of the README: every basis, 12/25/50 steps, intervals 2-8, and the
 adaptive (error-controlled) schedule over a sweep of tolerances, on 32 held-out shapes of
-the bundled generator.  Writes benchmarks/fidelity.{json,md,png}.
+the bundled generator.  The adaptive rows are run twice: on the batch of 32 (one schedule
+for the batch, decided on its worst item) and one shape per call, as `hicache3d generate`
+runs (`--per-shape`).  Writes benchmarks/fidelity.{json,md,png}.
 
     python scripts/bench_fidelity.py            # the full sweep (about 30-60 min on 2 cores)
     python scripts/bench_fidelity.py --adaptive-only
@@ -82,11 +84,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tolerances", default=",".join(map(str, TOLERANCES)))
     ap.add_argument("--adaptive-bases", default=",".join(ADAPTIVE_BASES))
+    ap.add_argument("--per-shape", default=",".join(ADAPTIVE_BASES),
+                    help="bases whose adaptive rows are also run one shape per call, as `hicache3d "
+                         "generate` runs (each shape's schedule decided on that shape alone); '' for none")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tols = [float(x) for x in a.tolerances.split(",")]
     adaptive = {b: tols for b in a.adaptive_bases.split(",")}
+    per_shape = {b.strip(): tols for b in a.per_shape.split(",") if b.strip()}
+    bad = [b for b in per_shape if b not in adaptive]
+    if bad:
+        ap.error(f"--per-shape: {', '.join(bad)} not among --adaptive-bases ({a.adaptive_bases})")
     say = lambda s: print(s, flush=True)  # noqa: E731
     if a.bases:
         bases = [b.strip() for b in a.bases.split(",") if b.strip()]
@@ -115,7 +124,7 @@ def main() -> None:
         fixed = [r for r in old["rows"] if r.get("schedule", "fixed") == "fixed"]
         check_base = a.adaptive_bases.split(",")[0]
         res = run_sweep(list(adaptive), [4], [12, 25, 50], shapes_n=a.shapes, progress=say,
-                        adaptive=adaptive, adaptive_options=ADAPTIVE_OPTIONS)
+                        adaptive=adaptive, adaptive_options=ADAPTIVE_OPTIONS, per_item=per_shape)
         checks = []
         for r in [r for r in res["rows"] if r["schedule"] == "fixed"]:
             o = next(o for o in fixed if o["steps"] == r["steps"] and o["backend"] == r["backend"]
@@ -131,7 +140,7 @@ def main() -> None:
     else:
         # reports are rewritten after every block, so an interrupted sweep keeps what it did
         res = run_sweep(BASES, list(range(2, 9)), [12, 25, 50], shapes_n=a.shapes, progress=say,
-                        adaptive=adaptive, adaptive_options=ADAPTIVE_OPTIONS,
+                        adaptive=adaptive, adaptive_options=ADAPTIVE_OPTIONS, per_item=per_shape,
                         checkpoint=lambda r: write_reports(r, a.out, "fidelity"))
         stem = "fidelity"
     for p in write_reports(res, a.out, stem):

@@ -49,3 +49,22 @@ def test_adaptive_only_keeps_the_stored_fixed_rows_and_notes():
                    ("hermite", "adaptive", None, 0.98), ("auto", "adaptive", None, 0.99)]
     assert out["notes"] == old["notes"] and out["rerun_bases"] == ["auto"]
     assert "schedule" not in old["rows"][2]              # the stored rows are not modified
+
+
+def test_sweep_runs_adaptive_rows_per_shape_against_the_same_samples(tmp_path):
+    """``per_item`` rows: one call per shape, a pattern per shape, the forward ratio against
+    the uncached per-shape run (a network call per shape); written as a frontier of their own."""
+    from hicache3d.bench import run_sweep, write_reports
+    res = run_sweep(["hermite"], [], [12], shapes_n=2, adaptive={"hermite": [4.0]},
+                    adaptive_options={"first_enhance": 2}, per_item={"hermite": [4.0]})
+    batched, one = res["rows"]
+    assert not batched.get("per_item") and one["per_item"] and len(one["patterns"]) == 2
+    base = res["baselines"][12]
+    assert base["network_forwards_per_item"] == 2 * base["network_forwards"]
+    computed = sum(p.count("C") for p in one["patterns"])
+    assert one["network_forwards"] < base["network_forwards_per_item"]
+    assert one["forward_ratio"] == base["network_forwards_per_item"] / one["network_forwards"]
+    assert computed < 2 * 12
+    write_reports(res, tmp_path)
+    md = (tmp_path / "fidelity.md").read_text()
+    assert "adaptive tol 4 per shape" in md

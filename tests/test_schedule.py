@@ -368,6 +368,28 @@ def test_frontier_analysis_by_hand():
     t = {r["iou"]: r for r in frontier_table(rows, levels=(0.98,))}
     assert t[0.98]["fixed_ratio"] == pytest.approx(2.5) and t[0.98]["adaptive_ratio"] == pytest.approx(3.5)
     assert t[0.98]["gain"] == pytest.approx(0.4) and t[0.98]["adaptive_min"] == pytest.approx(0.965)
+    assert "per_item_ratio" not in t[0.98]
+    # rows run one shape per call make a frontier of their own, beside the batched one
+    rows += [dict(steps=25, schedule="adaptive", per_item=True, forward_ratio=5.0, iou_mean=0.99, iou_min=0.96),
+             dict(steps=25, schedule="adaptive", per_item=True, forward_ratio=6.0, iou_mean=0.97, iou_min=0.90)]
+    t = {r["iou"]: r for r in frontier_table(rows, levels=(0.98,))}
+    assert t[0.98]["adaptive_ratio"] == pytest.approx(3.5)
+    assert t[0.98]["per_item_ratio"] == pytest.approx(5.5) and t[0.98]["per_item_gain"] == pytest.approx(1.2)
+    assert t[0.98]["per_item_min"] == pytest.approx(0.93)
+
+
+def test_sensitivity_profile_weights_early_steps_more():
+    """``sensitivity`` q multiplies each step's weight by ((1/2 + c) / (f + c))^q, f the
+    fraction of the way from the first sampler time to 0; 1 on samplers that run upward."""
+    ts = list(np.linspace(1.0, 0.0, 21)[:4])            # uniform dt: the dt weights are 1
+    base = AdaptivePolicy(1.0)._ahead(ts, 3)[0]
+    pol = AdaptivePolicy(1.0, sensitivity=2.0, sensitivity_offset=0.1)
+    w, future = pol._ahead(ts, 3)
+    f = 1.0 - future / 1.0
+    assert np.allclose(future, [0.8, 0.75, 0.7]) and np.allclose(base, 1.0)
+    assert np.allclose(w, (0.6 / (f + 0.1)) ** 2)
+    up = AdaptivePolicy(1.0, sensitivity=2.0)._ahead(list(np.linspace(0.0, 1.0, 21)[:4]), 3)[0]
+    assert np.allclose(up, 1.0)
 
 
 

@@ -544,3 +544,32 @@ def test_tune_names_the_sites_a_cpu_run_never_reaches(venv, tmp_path):
     assert second["exit_code"] == 0 and ", 1 reused;" in second["output"], second["output"][-2000:]
     res = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert res["sites"] == ["sparse_structure", "shape_slat"]
+
+
+def test_bundled_pipeline_per_item_runs_are_the_batched_samples(pipe):
+    """``per_item``: one sampler run per condition with its slice of the batch's noise; the
+    samples are those of the batched run (uncached), and an adaptive schedule then decides
+    for each item alone (one run, one pattern per item)."""
+    from hicache3d.bundled import shapes
+    cond = shapes.make_batch("held_out", [0, 1, 2])[1]
+    batched = pipe.run(cond, steps=6, seed=3, recipe=None)
+    items = pipe.run(cond, steps=6, seed=3, recipe=None, per_item=True)
+    assert items.forwards == 3 * batched.forwards          # a network call per item
+    for a, b in zip(items.latents["sparse_structure"], batched.latents["sparse_structure"]):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.equal(items.meshes, batched.meshes)
+    recipe = pipe.recipe.with_settings({"schedule": "adaptive", "tolerance": 1.0, "first_enhance": 2})
+    out = pipe.run(cond, steps=12, seed=3, recipe=recipe, per_item=True)
+    assert len(out.stats["runs"]) == 3 and out.forwards < 3 * pipe.run(cond[:1], steps=12, seed=3, recipe=None).forwards
+
+
+def test_bundled_generator_checks_the_noise_it_is_given():
+    from hicache3d.bundled import shapes
+    from hicache3d.bundled.generator import BundledGenerator
+    gen = BundledGenerator.from_pretrained()
+    cond = shapes.make_batch("held_out", [0, 1])[1]
+    with pytest.raises(ValueError, match="noise must be"):
+        gen(cond, steps=2, noise=gen.noise(3))
+    a = gen(cond, steps=3, seed=5)
+    b = gen(cond, steps=3, noise=gen.noise(2, 5))
+    assert torch.equal(a.latent, b.latent)

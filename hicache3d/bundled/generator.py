@@ -120,13 +120,22 @@ class BundledGenerator:
         cfg_interval: Optional[Sequence[float]] = None,
         rescale_t: Optional[float] = None,
         progress: Optional[Callable[[int, int, float], None]] = None,
+        noise: Optional[torch.Tensor] = None,
     ) -> GenerationOutput:
         s = self.sampling
         cond = self.prepare_condition(image)
         neg = torch.zeros_like(cond)
+        if noise is None:
+            noise = self.noise(cond.shape[0], seed)
+        else:
+            c = self.model.config
+            want = (cond.shape[0], c.latent_channels) + (c.grid // 2,) * 3
+            if tuple(noise.shape) != want:
+                raise ValueError(f"noise must be {want} for this condition, got {tuple(noise.shape)}")
+            noise = noise.to(self.device, torch.float32)
         out = self.sampler.sample(
             self.model,
-            self.noise(cond.shape[0], seed),
+            noise,
             cond,
             neg,
             steps=int(steps if steps is not None else s["steps"]),
