@@ -156,8 +156,10 @@ class AdaptivePolicy(SchedulePolicy):
                  first_enhance: int = 3, last_enhance: int = 0, exponent: float = 2.0,
                  quantile: float = 1.0, relax: float = 0.5, jump: float = 2.0,
                  cost: Optional[Callable[[float], float]] = None, cost_power: float = 1.0,
-                 dt_power: float = 1.0):
+                 dt_power: float = 1.0, sensitivity: float = 0.0, sensitivity_offset: float = 0.1):
         self.tolerance = float(tolerance)
+        self.sensitivity = float(sensitivity)
+        self.sensitivity_offset = float(sensitivity_offset)
         self.cost = cost
         self.cost_power = float(cost_power)
         self.dt_power = float(dt_power)
@@ -223,7 +225,22 @@ class AdaptivePolicy(SchedulePolicy):
         future = ts[-1] + d[-1] * np.cumsum(grow)
         if not self.dt_ref > 0:
             return np.ones(m), future
-        return (last / self.dt_ref * grow) ** self.dt_power, future
+        w = (last / self.dt_ref * grow) ** self.dt_power
+        if self.sensitivity:
+            w = w * self._profile(ts[0], future)
+        return w, future
+
+    def _profile(self, t0: float, future: np.ndarray) -> np.ndarray:
+        """How much an error made at sampler time ``t`` moves the sample, relative to one
+        made halfway: ``((1/2 + c) / (f + c))^q`` with ``f`` the fraction of the way from
+        the first time ``t0`` to 0 (q = ``sensitivity``, c = ``sensitivity_offset``).
+        Early errors are carried, and amplified, through every later step.  Only for
+        samplers that run toward t = 0; 1 elsewhere."""
+        if not (t0 > 0 and np.all(future <= t0)):
+            return np.ones_like(future)
+        f = np.clip(1.0 - future / t0, 0.0, 1.0)
+        c = self.sensitivity_offset
+        return ((0.5 + c) / (f + c)) ** self.sensitivity
 
     def _weights(self, times: Sequence[float], m: int) -> np.ndarray:
         return self._ahead(times, m)[0]
