@@ -27,7 +27,10 @@ Every decision of a cached site goes through one policy (``VelocityCache.step`` 
     relative to the dearest one (:class:`IntervalCost`): the cost-optimal trade of forwards
     against error for this error model (the Lagrangian of "fewest forwards for a total
     error" makes a window's budget proportional to what its steps cost).  ``dt_power``
-    (policy option, 1 by default) raises the ``dt`` weights to a power.  An error that jumps (observed more than twice
+    (policy option, 1 by default) raises the ``dt`` weights to a power; ``sensitivity``
+    (policy option, off) multiplies them by a profile that weights early steps more (an
+    early error is carried through every later step; no gain measured on the bundled
+    generator, ``benchmarks/adaptive_sens25.md``).  An error that jumps (observed more than twice
     the prediction) shrinks the next window at once, since ``c`` is re-estimated on every
     computed step; ``c`` only relaxes gradually (geometric mean with the previous one).
     ``tolerance = 0`` computes every step.  ``interval`` does not apply.

@@ -491,3 +491,16 @@ def test_dt_power_raises_the_step_weights():
     wa, wb = a._weights(times, 4), b._weights(times, 4)
     want = 0.15 / 0.125 * 1.25 ** np.arange(1, 5)
     assert np.allclose(wa, want) and np.allclose(wb, want ** 2)
+
+
+def test_oracle_search_pattern_policy_computes_exactly_its_steps(monkeypatch):
+    """scripts/oracle_schedule.py scores computed/forecast patterns through the cache: its
+    policy computes exactly the steps given (and the first, with nothing to forecast from)."""
+    from hicache3d import cache as cache_mod
+
+    from ._scripts import load_script
+    m = load_script("oracle_schedule")
+    monkeypatch.setattr(cache_mod, "make_policy", lambda config: m.PatternPolicy({2, 5, 6}))
+    c = VelocityCache(CacheConfig(backend="hermite", interval=2, first_enhance=1))
+    _, calls = drive(c, smooth, steps=9)
+    assert calls == [0, 2, 5, 6] and c.stats.pattern == "C.C..CC.."
