@@ -30,7 +30,11 @@ Every decision of a cached site goes through one policy (``VelocityCache.step`` 
     (policy option, 1 by default) raises the ``dt`` weights to a power; ``sensitivity``
     (policy option, off) multiplies them by a profile that weights early steps more (an
     early error is carried through every later step; no gain measured on the bundled
-    generator, ``benchmarks/adaptive_sens25.md``).  An error that jumps (observed more than twice
+    generator, ``benchmarks/adaptive_sens25.md``); ``first_window`` (policy option, 0)
+    forecasts that many steps after the warm-up before the first error is measured (with a
+    warm-up of 1, as the best searched patterns of ``benchmarks/oracle_schedule.md`` begin:
+    higher mean IoU per forward at 12-50 steps, lower per-sample minima; not a default).
+    An error that jumps (observed more than twice
     the prediction) shrinks the next window at once, since ``c`` is re-estimated on every
     computed step; ``c`` only relaxes gradually (geometric mean with the previous one).
     ``tolerance = 0`` computes every step.  ``interval`` does not apply.
@@ -159,8 +163,10 @@ class AdaptivePolicy(SchedulePolicy):
                  first_enhance: int = 3, last_enhance: int = 0, exponent: float = 2.0,
                  quantile: float = 1.0, relax: float = 0.5, jump: float = 2.0,
                  cost: Optional[Callable[[float], float]] = None, cost_power: float = 1.0,
-                 dt_power: float = 1.0, sensitivity: float = 0.0, sensitivity_offset: float = 0.1):
+                 dt_power: float = 1.0, sensitivity: float = 0.0, sensitivity_offset: float = 0.1,
+                 first_window: int = 0):
         self.tolerance = float(tolerance)
+        self.first_window = int(first_window)
         self.sensitivity = float(sensitivity)
         self.sensitivity_offset = float(sensitivity_offset)
         self.cost = cost
@@ -253,7 +259,9 @@ class AdaptivePolicy(SchedulePolicy):
         self.last_jump = False
         if errors is None or len(errors) == 0 or horizon < 1:
             if self.c is None:
-                self.window, self.window_reason = 0, NO_SIGNAL
+                # before any error signal: ``first_window`` steps forecast (0 by default)
+                self.window = self.first_window if self.tolerance else 0
+                self.window_reason = NO_SIGNAL
                 return
         else:
             e = np.asarray(errors, dtype=np.float64)

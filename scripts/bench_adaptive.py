@@ -91,6 +91,12 @@ VARIANTS = {
     "cost^2+fe2+s1": ("budget scaled by cost squared, warm-up of 2, sensitivity q 1",
                       {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2},
                       {"cost_power": 2.0, "sensitivity": 1.0}),
+    "cost+fe1+w1": ("cost, warm-up of 1, then one step forecast before the first error signal "
+                    "(as the searched patterns of benchmarks/oracle_schedule.md begin)",
+                    {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 1}, {"first_window": 1}),
+    "cost^2+fe1+w1": ("as cost+fe1+w1, budget scaled by cost squared",
+                      {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 1},
+                      {"first_window": 1, "cost_power": 2.0}),
     "fixed-fe3": ("control: hermite fixed interval (the tolerances are intervals), warm-up of 3",
                   {"schedule": "fixed"}, {}),
     "fixed-fe2": ("control: hermite fixed interval (the tolerances are intervals), warm-up of 2",

@@ -504,3 +504,19 @@ def test_oracle_search_pattern_policy_computes_exactly_its_steps(monkeypatch):
     c = VelocityCache(CacheConfig(backend="hermite", interval=2, first_enhance=1))
     _, calls = drive(c, smooth, steps=9)
     assert calls == [0, 2, 5, 6] and c.stats.pattern == "C.C..CC.."
+
+
+def test_first_window_forecasts_before_the_first_error_signal(monkeypatch):
+    """``first_window`` (policy option): after a warm-up of 1, that many steps are forecast
+    (from the one snapshot) before the first error is measured; 0 computes them."""
+    from hicache3d import cache as cache_mod
+
+    def run(**kw):
+        monkeypatch.setattr(cache_mod, "make_policy",
+                            lambda config: AdaptivePolicy(1.0, first_enhance=1, exponent=2.0, **kw))
+        c = VelocityCache(CacheConfig(backend="hermite", schedule="adaptive", tolerance=1.0, first_enhance=1))
+        drive(c, smooth, steps=10)
+        return c.stats.pattern
+
+    assert run().startswith("CC") and run(first_window=1).startswith("C.C")
+    assert run(first_window=2).startswith("C..C")
