@@ -259,18 +259,11 @@ class BundledPipeline(Pipeline):
         the batch's noise, so the samples are those of the batched run."""
         with self.settings(recipe) as acc:
             t0 = time.perf_counter()
-            if per_item:
-                noise = self.gen.noise(payload.shape[0], seed)
-                outs = [self.gen(payload[i:i + 1], steps=steps, noise=noise[i:i + 1])
-                        for i in range(payload.shape[0])]
-            else:
-                outs = [self.gen(payload, steps=steps, seed=seed)]
+            run = self.gen.per_item if per_item else self.gen
+            out = run(payload, steps=steps, seed=seed)
             seconds = time.perf_counter() - t0
-        import torch
-        latent = torch.cat([o.latent for o in outs])
-        return Output({"sparse_structure": list(latent)}, torch.cat([o.occupancy for o in outs]),
-                      sum(int(o.network_forwards) for o in outs), seconds,
-                      acc.stats if acc is not None else {})
+        return Output({"sparse_structure": list(out.latent)}, out.occupancy, int(out.network_forwards),
+                      seconds, acc.stats if acc is not None else {})
 
     def identity(self):
         return {**super().identity(), "weights": self.weights, "sampling": dict(self.gen.sampling)}

@@ -32,6 +32,8 @@ LEVELS = (0.975, 0.98, 0.985, 0.99)
 # the settings of the auto variants: auto, the CFG cost (two forwards for 0.5 <= t <= 1),
 # a warm-up of 2
 _AUTO_COST_FE2 = {"backend": "auto", "compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}
+# the same with hermite, the default basis
+_COST_FE2 = {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}
 
 # name -> (what it changes, CacheConfig settings, AdaptivePolicy keyword overrides)
 VARIANTS = {
@@ -75,21 +77,21 @@ VARIANTS = {
     "auto+cost+fe2+dt1.5": ("auto, cost, warm-up of 2, step weights (dt / dt_ref)^1.5", _AUTO_COST_FE2,
                             {"dt_power": 1.5}),
     "cost+fe2+s0.5": ("cost, warm-up of 2, step weights times the sensitivity profile, q 0.5",
-                      {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}, {"sensitivity": 0.5}),
+                      _COST_FE2, {"sensitivity": 0.5}),
     "cost+fe2+s1": ("cost, warm-up of 2, step weights times the sensitivity profile, q 1",
-                    {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}, {"sensitivity": 1.0}),
+                    _COST_FE2, {"sensitivity": 1.0}),
     "cost+fe2+s2": ("cost, warm-up of 2, step weights times the sensitivity profile, q 2",
-                    {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}, {"sensitivity": 2.0}),
+                    _COST_FE2, {"sensitivity": 2.0}),
     "cost+fe2+s1+dt0.5": ("cost, warm-up of 2, sensitivity q 1, (dt / dt_ref)^0.5",
-                          {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2},
+                          _COST_FE2,
                           {"sensitivity": 1.0, "dt_power": 0.5}),
     "auto+cost+fe2+s1": ("auto, cost, warm-up of 2, sensitivity q 1", _AUTO_COST_FE2, {"sensitivity": 1.0}),
     "cost^2+fe2": ("budget scaled by cost squared, warm-up of 2",
-                   {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}, {"cost_power": 2.0}),
+                   _COST_FE2, {"cost_power": 2.0}),
     "cost^3+fe2": ("budget scaled by cost cubed, warm-up of 2",
-                   {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2}, {"cost_power": 3.0}),
+                   _COST_FE2, {"cost_power": 3.0}),
     "cost^2+fe2+s1": ("budget scaled by cost squared, warm-up of 2, sensitivity q 1",
-                      {"compute_cost": ((0.5, 1.0, 2.0),), "first_enhance": 2},
+                      _COST_FE2,
                       {"cost_power": 2.0, "sensitivity": 1.0}),
     "cost+fe1+w1": ("cost, warm-up of 1, then one step forecast before the first error signal "
                     "(as the searched patterns of benchmarks/oracle_schedule.md begin)",
@@ -163,16 +165,8 @@ def main() -> None:
     from hicache3d.bundled.generator import BundledGenerator
     gen = BundledGenerator.from_pretrained()
     cond, _, _ = held_out(a.shapes)
-    noise = gen.noise(cond.shape[0], 0)
-
     def generate(S):
-        if not a.per_shape:
-            return gen(cond, steps=S, seed=0)
-        outs = [gen(cond[i:i + 1], steps=S, noise=noise[i:i + 1]) for i in range(cond.shape[0])]
-        return type(outs[0])(occupancy=torch.cat([o.occupancy for o in outs]),
-                             probabilities=torch.cat([o.probabilities for o in outs]),
-                             latent=torch.cat([o.latent for o in outs]),
-                             network_forwards=sum(o.network_forwards for o in outs))
+        return (gen.per_item if a.per_shape else gen)(cond, steps=S, seed=0)
 
     refs = {S: generate(S) for S in steps}
     res = json.loads(out_json.read_text()) if out_json.exists() else {"shapes": a.shapes, "variants": {}}

@@ -110,6 +110,20 @@ class BundledGenerator:
         lat = c.grid // 2
         return torch.randn((batch, c.latent_channels, lat, lat, lat), generator=g).to(self.device)
 
+    def per_item(self, image: ImageLike, steps: Optional[int] = None, seed: int = 0) -> GenerationOutput:
+        """One sampler run per condition of the batch ``image`` (as ``hicache3d generate``
+        runs), each with its slice of the batch's noise: the samples of the batched call,
+        the outputs concatenated (``network_forwards`` summed over the runs)."""
+        cond = self.prepare_condition(image)
+        noise = self.noise(cond.shape[0], seed)
+        outs = [self(cond[i:i + 1], steps=steps, noise=noise[i:i + 1]) for i in range(cond.shape[0])]
+        return GenerationOutput(
+            occupancy=torch.cat([o.occupancy for o in outs]),
+            probabilities=torch.cat([o.probabilities for o in outs]),
+            latent=torch.cat([o.latent for o in outs]),
+            network_forwards=sum(int(o.network_forwards) for o in outs),
+        )
+
     @torch.no_grad()
     def __call__(
         self,
