@@ -88,7 +88,9 @@ def _settings(recipe: Recipe, settings: Mapping[str, Any],
               sites: Optional[Mapping[str, Mapping[str, Any]]]) -> Recipe:
     # None is a meaningful value of some settings (batch_dim=None: one item; num_steps)
     settings = dict(settings)
-    if settings.get("interval") is not None and "schedule" not in settings and "tolerance" not in settings:
+    if settings.get("pattern") and "schedule" not in settings:
+        settings["schedule"] = "pattern"          # a pattern asks for the pattern schedule (as the CLI)
+    elif settings.get("interval") is not None and "schedule" not in settings and "tolerance" not in settings:
         settings["schedule"] = "fixed"            # an interval asks for the fixed cadence (as the CLI)
     return recipe.with_settings(settings, sites or {})
 

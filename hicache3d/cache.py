@@ -12,7 +12,7 @@ import torch
 
 from .config import CacheConfig
 from .forecast import make_forecaster
-from .schedule import FORCED, NO_HISTORY, Schedule, make_policy
+from .schedule import FORCED, NO_HISTORY, PAST, Schedule, make_policy
 
 __all__ = ["VelocityCache", "CacheStats", "StepRecord"]
 
@@ -56,7 +56,8 @@ class CacheStats:
     snapshot history was restarted.  ``reasons``: why steps were computed (``warm-up``,
     ``cadence``, ``budget`` ...).  ``skipped``: steps that needed no velocity at all
     (``dt = 0``).  ``trace``: one :class:`StepRecord` per step of this run (not kept by
-    :meth:`merge`).  Times are wall-clock seconds: ``compute_time_s`` in the network
+    :meth:`merge`).  ``schedule``: what decided the steps (``"adaptive, tolerance 2"``,
+    ``"pattern of 25 steps"`` ...).  Times are wall-clock seconds: ``compute_time_s`` in the network
     (with the copy of its output into the history), ``forecast_time_s`` everything else
     the cache did: deciding, bringing the history up to date (the Gram products, the
     adaptive schedule's measured error), the fits and the forecasts.
@@ -73,6 +74,7 @@ class CacheStats:
     compute_time_s: float = 0.0
     forecast_time_s: float = 0.0
     trace: List[StepRecord] = field(default_factory=list)
+    schedule: str = ""
 
     @property
     def steps(self) -> int:
@@ -86,6 +88,8 @@ class CacheStats:
 
     def merge(self, other: "CacheStats") -> "CacheStats":
         out = CacheStats()
+        names = [s.schedule for s in (self, other) if s.schedule]
+        out.schedule = names[0] if len(set(names)) == 1 else ("mixed" if names else "")
         for s in (self, other):
             out.computed += s.computed
             out.forecast += s.forecast
@@ -108,6 +112,8 @@ class CacheStats:
             "compute_time_s": round(self.compute_time_s, 6),
             "forecast_time_s": round(self.forecast_time_s, 6),
         }
+        if self.schedule:
+            out["schedule"] = self.schedule
         if self.trace:
             out["pattern"] = self.pattern
             out["trace"] = [r.as_dict() for r in self.trace]
@@ -126,6 +132,8 @@ class CacheStats:
                          + ", ".join(f"{k} {v}" for k, v in sorted(self.per_basis.items())))
         if self.fallbacks:
             parts.append("fallbacks " + ", ".join(f"{k} {v}" for k, v in sorted(self.fallbacks.items())))
+        if self.schedule and not self.schedule.startswith("fixed"):
+            parts.append(f"schedule: {self.schedule}")
         if self.trace:
             parts.append(f"pattern {self.pattern}")
         return "; ".join(parts)
@@ -187,6 +195,7 @@ class VelocityCache:
         self.policy = make_policy(config)
         self.forecaster = make_forecaster(config.backend, config.history, **config.forecast_options())
         self.runs: List[CacheStats] = []
+        self._pattern_warned = False
         self._start(config.num_steps)
 
     def _start(self, num_steps: Optional[int]) -> None:
@@ -202,13 +211,20 @@ class VelocityCache:
         self._verify_pending = False
         self._deferred: List[tuple] = []      # (time index, velocity copy) not yet pushed
         self._warned = False
-        if self.num_steps is not None and self.config.schedule == "fixed":
-            self._check_plan(self.schedule.plan(self.num_steps).count(True), self.num_steps)
+        self.stats.schedule = self.policy.describe()
+        if self.num_steps is not None:
+            try:
+                plan = self.policy.plan(self.num_steps)
+            except NotImplementedError:          # decided at run time
+                plan = None
+            if plan is not None:
+                self._check_plan(plan.count(True), self.num_steps)
 
     def reset(self, num_steps: Optional[int] = None) -> None:
         """Start a new run (the previous run's stats move to :attr:`runs`)."""
         if self.stats.steps:
             self._check_plan(self.stats.computed, self.stats.steps + self.stats.skipped)
+            self._check_pattern_length(self.stats.steps + self.stats.skipped)
             self.runs.append(self.stats)
             del self.runs[:-64]
         self._start(num_steps)
@@ -218,11 +234,32 @@ class VelocityCache:
             return
         self._warned = True
         c = self.config
-        how = (f"interval {c.interval}" if c.schedule == "fixed"
-               else f"adaptive schedule, tolerance {c.tolerance:g}, max_skip {c.max_skip}")
-        warnings.warn(f"hicache3d: only {computed} of {steps} steps run the network ({how}, "
-                      f"first_enhance {c.first_enhance}); the result may be far from the "
-                      f"uncached one: lower the interval / tolerance", UserWarning, stacklevel=3)
+        if c.schedule == "fixed":
+            how = f"interval {c.interval}, first_enhance {c.first_enhance}"
+        elif getattr(self.policy, "active", None) is not None:
+            how = self.policy.describe()
+        else:
+            how = (f"adaptive schedule, tolerance {c.tolerance:g}, max_skip {c.max_skip}, "
+                   f"first_enhance {c.first_enhance}")
+        warnings.warn(f"hicache3d: only {computed} of {steps} steps run the network ({how}); the "
+                      f"result may be far from the uncached one: lower the interval / tolerance",
+                      UserWarning, stacklevel=3)
+
+    def _check_pattern_length(self, steps: Optional[int]) -> None:
+        """A run of unknown length that followed a pattern of another length (``steps``;
+        ``None``: the run has just gone past the pattern's end, and its steps past it are
+        computed; a shorter run used only the pattern's start): said once per cache."""
+        active = getattr(self.policy, "active", None)
+        if self._pattern_warned or active is None or steps == len(active):
+            return
+        self._pattern_warned = True
+        n = len(active)
+        what = ("goes on past it: the steps past it are computed" if steps is None
+                else f"had {steps}: it used the first {steps} steps of it" if steps < n
+                else f"had {steps}: the steps past it were computed")
+        warnings.warn(f"hicache3d: the schedule pattern has {n} steps and this run {what}; the "
+                      f"pattern was measured for {n} steps (hicache3d tune --steps N finds one "
+                      f"for the step count you run)", UserWarning, stacklevel=4)
 
     @property
     def total_stats(self) -> CacheStats:
@@ -307,6 +344,8 @@ class VelocityCache:
             else:                       # stored at the next step, when its time is read
                 from .tree import map_leaves
                 self._deferred.append((len(self._times) - 1, map_leaves(lambda x: x.detach().clone(), v)))
+            if reason == PAST:
+                self._check_pattern_length(None)
             self.stats.computed += 1
             self.stats.reasons[reason] += 1
             self._since_compute = 0

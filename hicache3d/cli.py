@@ -107,10 +107,29 @@ def _parse_site_overrides(values):
 
 
 _BACKENDS = _BasisChoice()
-_SCHEDULES = click.Choice(["fixed", "adaptive"])
+_SCHEDULES = click.Choice(["fixed", "adaptive", "pattern"])
 _TOLERANCE = click.FloatRange(0, None)
 _SCHEDULE_HELP = ("fixed: one computed step in --interval; adaptive: each computed step measures "
-                  "the forecast error and sizes the next forecast window to --tolerance.")
+                  "the forecast error and sizes the next forecast window to --tolerance; pattern: "
+                  "the steps --pattern marks C are computed (`hicache3d tune --schedules pattern` "
+                  "searches one on your model).")
+_PATTERN_HELP = ("Computed/forecast pattern, one character per step (C computed, . forecast), e.g. "
+                 "C.C.C...C.....C....C..C.C for 25 steps; repeat for other step counts. Implies "
+                 "--schedule pattern. A run of a length no pattern has uses the adaptive schedule.")
+
+
+def _schedule_settings(interval, schedule, tolerance, pattern) -> dict:
+    """The schedule keys the command-line options ask for (an interval alone asks for the
+    fixed cadence, a pattern for the pattern schedule)."""
+    if pattern and schedule is None:
+        schedule = "pattern"
+    if interval is not None and schedule is None and tolerance is None:
+        schedule = "fixed"
+    out = {k: v for k, v in dict(interval=interval, schedule=schedule, tolerance=tolerance).items()
+           if v is not None}
+    if pattern:
+        out["pattern"] = tuple(pattern)
+    return out
 _TOLERANCE_HELP = ("Adaptive schedule: the error budget of one forecast window (a relative "
                    "velocity error, dt-weighted; 0 computes every step, larger skips more).")
 
@@ -125,6 +144,7 @@ _TOLERANCE_HELP = ("Adaptive schedule: the error budget of one forecast window (
 @click.option("--history", type=click.IntRange(1, 64), help="Snapshots kept per site.")
 @click.option("--schedule", type=_SCHEDULES, help=_SCHEDULE_HELP)
 @click.option("--tolerance", type=_TOLERANCE, help=_TOLERANCE_HELP)
+@click.option("--pattern", multiple=True, metavar="C.C..C", help=_PATTERN_HELP)
 @click.option("--site", "site_overrides", multiple=True, metavar="SITE:KEY=VALUE",
               help="Per-site override, e.g. --site shape:interval=3,backend=taylor (repeatable).")
 @click.option("--settings", "settings_path", type=click.Path(path_type=Path), metavar="FILE",
@@ -133,7 +153,7 @@ _TOLERANCE_HELP = ("Adaptive schedule: the error budget of one forecast window (
 @click.option("--force", is_flag=True, help="Patch even if the generator is missing or its version is outside the supported range.")
 @click.option("--user", is_flag=True, help="Write into the user site-packages instead of the active environment.")
 def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, schedule, tolerance,
-              site_overrides, settings_path, force, user):
+              pattern, site_overrides, settings_path, force, user):
     """Accelerate an installed generator in place, for every later Python process.
 
     Writes a one-line .pth file and a config into the active environment's
@@ -146,6 +166,7 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sch
       hicache3d patch --model hunyuan3d-2mini --backend dmd --interval 5
       hicache3d patch --model trellis2 --site shape_slat:interval=4
       hicache3d patch --model trellis --schedule adaptive --tolerance 0.5
+      hicache3d patch --model hunyuan3d-2mini --pattern C.C.C...C.....C....C..C.C
       hicache3d patch --model trellis2 --settings tune/settings.toml
       hicache3d patch --recipe my_sampler.toml
     """
@@ -155,12 +176,9 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sch
         raise click.UsageError("give exactly one of --model NAME or --recipe FILE.toml")
     try:
         recipe, ref = _patch_recipe(model, recipe_path)
-        if interval is not None and schedule is None and tolerance is None:
-            schedule = "fixed"                    # an interval asks for the fixed cadence
-        common = {k: v for k, v in dict(backend=backend, interval=interval,
-                                         first_enhance=first_enhance, history=history,
-                                         schedule=schedule, tolerance=tolerance).items()
-                  if v is not None}
+        common = {k: v for k, v in dict(backend=backend, first_enhance=first_enhance,
+                                         history=history).items() if v is not None}
+        common.update(_schedule_settings(interval, schedule, tolerance, pattern))
         sites = _parse_site_overrides(site_overrides)
         source = None
         if settings_path is not None:
@@ -370,13 +388,23 @@ def _install_state(recipe, recorded=None) -> str:
     return "not installed (or not importable from here)"
 
 
+def _schedule_label(c) -> str:
+    """``dmd/5`` (fixed interval), ``hermite adaptive tol 2``, ``hermite pattern 12/25/50
+    steps``."""
+    if c.schedule == "adaptive":
+        return f"{c.backend} adaptive tol {c.tolerance:g}"
+    if c.schedule == "pattern":
+        return f"{c.backend} pattern {'/'.join(str(len(p)) for p in sorted(c.pattern, key=len))} steps"
+    return f"{c.backend}/{c.interval}"
+
+
 @main.command("recipes")
 def recipes_cmd():
     """List the known models, whether each is installed, and its version vs the supported range."""
     from .recipe import known_recipes
     for name, r in sorted(known_recipes().items()):
         state = _install_state(r)
-        sites = ", ".join(f"{s.name}: {s.config.backend}/{s.config.interval}" for s in r.sites)
+        sites = ", ".join(f"{s.name}: {_schedule_label(s.config)}" for s in r.sites)
         click.echo(f"{name:18s} {state:40s} sites [{sites}]  {r.description}")
 
 
@@ -399,6 +427,7 @@ _SEEDS = click.IntRange(0, 2 ** 63 - 1)
 @click.option("--interval", type=click.IntRange(1, 1000), help="Compute one step in N (default: the recipe's).")
 @click.option("--schedule", type=_SCHEDULES, help=_SCHEDULE_HELP + " Default: the recipe's.")
 @click.option("--tolerance", type=_TOLERANCE, help=_TOLERANCE_HELP)
+@click.option("--pattern", multiple=True, metavar="C.C..C", help=_PATTERN_HELP)
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampling steps (default: the model's).")
 @click.option("--seed", default=0, show_default=True, type=_SEEDS, help="Noise seed (0 to 2^63-1).")
 @click.option("--no-cache", is_flag=True, help="Run the generator unaccelerated (whatever is patched in place).")
@@ -408,7 +437,7 @@ _SEEDS = click.IntRange(0, 2 ** 63 - 1)
               help="Mesh format when writing into a folder.")
 @click.option("--overwrite", is_flag=True,
               help="Folder mode: regenerate meshes that already exist (default: skip them, so a rerun resumes).")
-def generate_cmd(image, out, model, weights, backend, interval, schedule, tolerance, steps, seed,
+def generate_cmd(image, out, model, weights, backend, interval, schedule, tolerance, pattern, steps, seed,
                  no_cache, do_compare, fmt, overwrite):
     """Make a mesh from an image (the bundled generator needs no GPU and no download).
 
@@ -433,10 +462,8 @@ def generate_cmd(image, out, model, weights, backend, interval, schedule, tolera
     if no_cache and do_compare:
         raise click.UsageError("--compare already runs the generator uncached next to the accelerated "
                                "run; give --compare alone (or --no-cache alone for the uncached mesh only)")
-    if interval is not None and schedule is None and tolerance is None:
-        schedule = "fixed"                        # an interval asks for the fixed cadence
-    settings = {k: v for k, v in dict(backend=backend, interval=interval, schedule=schedule,
-                                      tolerance=tolerance).items() if v is not None}
+    settings = {"backend": backend} if backend is not None else {}
+    settings.update(_schedule_settings(interval, schedule, tolerance, pattern))
     try:
         if image.is_dir():
             failed = _generate_folder_cli(image, out, model, weights, settings, steps, seed, no_cache,
@@ -709,7 +736,13 @@ def _float_list(value: str, name: str):
 @click.option("--steps", type=click.IntRange(2, 1000), help="Sampling steps (default: the model's).")
 @click.option("--seed", default=0, show_default=True, type=_SEEDS)
 @click.option("--backends", default="hermite,dmd,auto", show_default=True, help="Bases to sweep.")
-@click.option("--schedules", default="fixed,adaptive", show_default=True, help="Schedules to sweep.")
+@click.option("--schedules", default="fixed,adaptive", show_default=True,
+              help="Schedules to sweep: fixed, adaptive, and pattern (a search for the best "
+                   "computed/forecast pattern per site at --steps: about steps + 2 x removals "
+                   "more runs, e.g. 80 at 25 steps).")
+@click.option("--pattern-backend", type=_BACKENDS,
+              help="Basis of the pattern search (default: that of the site's fastest fixed/adaptive "
+                   "setting meeting the target).")
 @click.option("--intervals", default="2,3,4,5,6", show_default=True, help="Fixed-schedule intervals.")
 @click.option("--tolerances", default="0.25,0.5,1,2,4", show_default=True, help="Adaptive-schedule tolerances.")
 @click.option("--sites", help="Only these sites (comma-separated; default: every site of the recipe).")
@@ -721,14 +754,15 @@ def _float_list(value: str, name: str):
               help="Fastest = fewest network forwards (exact; ties by wall time), or lowest wall time.")
 @click.option("--out", default=Path("tune"), show_default=True, type=click.Path(path_type=Path),
               help="Folder for tune.json, tune.md, pareto-SITE.png, settings.toml and runs/.")
-def tune_cmd(model, images, weights, steps, seed, backends, schedules, intervals, tolerances, sites,
-             target_iou, target_drift, rank_by, out):
+def tune_cmd(model, images, weights, steps, seed, backends, schedules, pattern_backend, intervals, tolerances,
+             sites, target_iou, target_drift, rank_by, out):
     """Measure which cache settings each site of your model takes, on your images, and
     write the fastest that meet a fidelity target.
 
     Per site, every basis x interval (fixed schedule) and basis x tolerance (adaptive)
-    runs with that site cached and the others uncached, then the chosen settings of all
-    sites together; each run is compared with the uncached run of the same seed and
+    runs with that site cached and the others uncached (with --schedules ...,pattern also
+    a search for the best computed/forecast pattern, removing one computed step at a time
+    while the target holds), then the chosen settings of all sites together; each run is compared with the uncached run of the same seed and
     images: final-latent drift per site, mesh Chamfer / F-score / IoU where the pipeline
     makes a mesh, network forwards and end-to-end wall time (decoders included).
     TRELLIS v1 / TRELLIS.2 on a machine without CUDA stop before their CUDA-only mesh
@@ -739,6 +773,7 @@ def tune_cmd(model, images, weights, steps, seed, backends, schedules, intervals
     \b
     Examples:
       hicache3d tune --model bundled --images photos/ --steps 12 --out tune/
+      hicache3d tune --model bundled --images photos/ --schedules fixed,adaptive,pattern
       hicache3d tune --model hunyuan3d-2mini --images photos/ --weights ~/models --backends dmd,auto
       hicache3d tune --model trellis2 --images photos/ --weights TRELLIS.2-4B/ --steps 12
       hicache3d patch --model bundled --settings tune/settings.toml
@@ -752,8 +787,9 @@ def tune_cmd(model, images, weights, steps, seed, backends, schedules, intervals
     if bad or not bk:
         raise click.BadParameter(f"unknown backend(s) {', '.join(bad) or '(none)'}", param_hint="--backends")
     sch = [s.strip() for s in schedules.split(",") if s.strip()]
-    if not sch or set(sch) - {"fixed", "adaptive"}:
-        raise click.BadParameter(f"{schedules!r}: use fixed, adaptive or both", param_hint="--schedules")
+    if not sch or set(sch) - {"fixed", "adaptive", "pattern"}:
+        raise click.BadParameter(f"{schedules!r}: use fixed, adaptive, pattern or several",
+                                 param_hint="--schedules")
     ivs, tols = _int_list(intervals), _float_list(tolerances, "--tolerances")
     if "fixed" in sch and (not ivs or min(ivs) < 1):
         raise click.BadParameter("intervals must be >= 1", param_hint="--intervals")
@@ -768,7 +804,7 @@ def tune_cmd(model, images, weights, steps, seed, backends, schedules, intervals
         res = tune(pipe, paths, out, steps=steps, seed=seed, backends=bk, schedules=sch, intervals=ivs,
                    tolerances=tols, target_iou=target_iou, target_drift=target_drift, rank_by=rank_by,
                    sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
-                   progress=True, say=lambda s: click.echo(s, err=True))
+                   pattern_backend=pattern_backend, progress=True, say=lambda s: click.echo(s, err=True))
     except (GenerateError, TuneError, ValueError) as e:
         raise click.ClickException(str(e))
     except KeyboardInterrupt:

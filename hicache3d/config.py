@@ -5,11 +5,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from .schedule import parse_pattern
 from .forecast.registry import (DEFAULT_BACKEND, DEFAULT_BLEND, DEFAULT_CANDIDATES, DEFAULT_FALLBACK,
                                 _check, _is_int, _is_num, default, min_history,
                                 validate_forecast_options)
 
-__all__ = ["CacheConfig", "validate_forecast_options", "min_history"]
+__all__ = ["CacheConfig", "validate_forecast_options", "min_history", "SCHEDULES"]
+
+SCHEDULES = ("fixed", "adaptive", "pattern")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,12 @@ class CacheConfig:
     ``[lo, hi, cost]`` of sampler time where a compute costs ``cost`` times the others
     (e.g. ``[[0.5, 1.0, 2.0]]`` where two-forward guidance applies); the adaptive schedule
     then gives a window a budget in proportion to the cost of the computes it replaces.
+
+    ``schedule="pattern"`` computes exactly the steps marked ``C`` in ``pattern`` (``.``
+    forecast; one string per run length, e.g. ``"C.C.C...C.....C....C..C.C"``), the
+    schedule ``hicache3d tune --schedules pattern`` searches on the user's model; a run of
+    a length no pattern has uses the adaptive schedule (``tolerance`` ...) instead.
+    ``first_enhance`` / ``last_enhance`` / ``interval`` do not apply to a pattern.
 
     Forecast: ``backend`` is the basis (``reuse`` | ``taylor`` | ``hermite`` | ``dmd``, or
     any other in :mod:`hicache3d.forecast.registry`; ``auto`` ranks the ``candidates``),
@@ -74,9 +83,10 @@ class CacheConfig:
     max_skip: int = 8
     min_skip: int = 0
     compute_cost: Tuple[Tuple[float, float, float], ...] = ()
+    pattern: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("candidates", "candidate_damping"):
+        for name in ("candidates", "candidate_damping", "pattern"):
             v = getattr(self, name)
             if isinstance(v, (list, str)):
                 object.__setattr__(self, name, tuple([v] if isinstance(v, str) else v))
@@ -92,7 +102,19 @@ class CacheConfig:
         _check(self.batch_dim is None or _is_int(self.batch_dim), "batch_dim",
                "None or an integer axis", self.batch_dim)
         _check(isinstance(self.clamp, bool), "clamp", "True or False", self.clamp)
-        _check(self.schedule in ("fixed", "adaptive"), "schedule", "'fixed' or 'adaptive'", self.schedule)
+        _check(self.schedule in SCHEDULES, "schedule", "'fixed', 'adaptive' or 'pattern'", self.schedule)
+        pats = self.pattern
+        ok = isinstance(pats, tuple) and all(isinstance(p, str) for p in pats)
+        try:
+            lengths = [len(parse_pattern(p)) for p in pats] if ok else []
+        except ValueError:
+            ok = False
+        _check(ok, "pattern", "strings of C (computed) and . (forecast), one character per step, "
+               "each starting with C", pats)
+        _check(len(set(lengths)) == len(lengths), "pattern", "at most one pattern per run length "
+               f"(lengths {lengths})", pats)
+        _check(self.schedule != "pattern" or len(pats) > 0, "pattern",
+               "at least one pattern with schedule='pattern'", pats)
         _check(_is_num(self.tolerance) and self.tolerance >= 0, "tolerance",
                "a finite number >= 0", self.tolerance)
         _check(_is_int(self.max_skip) and 1 <= self.max_skip <= 1000, "max_skip",

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import threading
 import time
 import weakref
@@ -423,18 +424,53 @@ def open_run(controller: Controller, instance: Any, sites: Optional[List[str]] =
 
 
 def run_wrapper(default: Optional[Controller], sites: Optional[List[str]] = None,
-                on_open: Optional[Callable[[Run], None]] = None) -> Callable:
+                on_open: Optional[Callable[[Run], None]] = None,
+                steps_of: Optional[Callable[[Any, tuple, dict], Optional[int]]] = None) -> Callable:
     """A wrapt wrapper that makes each call of the wrapped entry point one run (of the
-    controller bound to the called object, else of ``default``; none: a plain call)."""
+    controller bound to the called object, else of ``default``; none: a plain call).
+    ``steps_of(wrapped, args, kwargs)``: the run's number of steps, read from the call
+    (``None``: unknown); the run's caches then know it (``VelocityCache.reset``)."""
 
     def wrapper(wrapped, instance, args, kwargs):
         ctl = _controller_for(instance, default)
         if ctl is None:
             return wrapped(*args, **kwargs)
-        with open_run(ctl, instance, sites, on_open=on_open):
+        opened = on_open
+        n = steps_of(wrapped, args, kwargs) if steps_of is not None else None
+        if n is not None:
+            def opened(run: Run) -> None:
+                if on_open is not None:
+                    on_open(run)
+                for cache in run.caches.values():
+                    cache.reset(n)
+        with open_run(ctl, instance, sites, on_open=opened):
             return wrapped(*args, **kwargs)
 
     return wrapper
+
+
+def steps_getter(spec: Any) -> Optional[Callable[[Any, tuple, dict], Optional[int]]]:
+    """Reads a run's step count from the call of its entry point: ``spec`` names the
+    argument (a keyword name, or a position not counting ``self``); an argument left out
+    takes the entry point's default.  ``None``: the count is not read."""
+    if spec is None:
+        return None
+
+    def get(wrapped: Any, args: tuple, kwargs: dict) -> Optional[int]:
+        if isinstance(spec, int):
+            v = args[spec] if len(args) > spec else None
+        elif spec in kwargs:
+            v = kwargs[spec]
+        else:
+            try:
+                b = inspect.signature(wrapped).bind(*args, **kwargs)
+            except (TypeError, ValueError):
+                return None
+            b.apply_defaults()
+            v = b.arguments.get(spec)
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
+
+    return get
 
 
 def generator_run_wrapper(default: Optional[Controller],

@@ -79,6 +79,7 @@ class Recipe:
     description: str = ""
     source: str = ""
     alt_modules: Tuple[str, ...] = ()    # the same code under other module names
+    steps_arg: Any = None                # generic adapter: name or position of the run's step count
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def site(self, name: str) -> SiteSpec:
@@ -147,7 +148,14 @@ def parse_recipe(data: Mapping[str, Any], source: str = "") -> Recipe:
                               step=table.get("step"), t_arg=table.get("t_arg"),
                               description=table.get("description", ""), options=dict(options)))
     known = {"name", "adapter", "module", "sites", "package", "versions", "run", "weights",
-             "weights_subfolder", "description", "alt_modules"}
+             "weights_subfolder", "description", "alt_modules", "steps_arg"}
+    steps_arg = data.get("steps_arg")
+    if steps_arg is not None and not (isinstance(steps_arg, str) and steps_arg.isidentifier()
+                                      or isinstance(steps_arg, int) and not isinstance(steps_arg, bool)
+                                      and steps_arg >= 0):
+        raise RecipeError(f"recipe {data['name']!r}{where}: steps_arg must name the run entry's "
+                          f"step-count argument (a name, or a position >= 0 not counting self), "
+                          f"got {steps_arg!r}")
     versions = data.get("versions", "")
     if not isinstance(versions, str):
         raise RecipeError(f"recipe {data['name']!r}{where}: versions must be a string such as '>=0.1,<0.2'")
@@ -160,7 +168,7 @@ def parse_recipe(data: Mapping[str, Any], source: str = "") -> Recipe:
                   versions=data.get("versions", ""), run=data.get("run"),
                   weights=data.get("weights"), weights_subfolder=data.get("weights_subfolder"),
                   description=data.get("description", ""), source=source, alt_modules=tuple(alt),
-                  extra={k: v for k, v in data.items() if k not in known})
+                  steps_arg=steps_arg, extra={k: v for k, v in data.items() if k not in known})
 
 
 def load_recipe(path: "str | Path") -> Recipe:

@@ -39,6 +39,15 @@ Every decision of a cached site goes through one policy (``VelocityCache.step`` 
     computed step; ``c`` only relaxes gradually (geometric mean with the previous one).
     ``tolerance = 0`` computes every step.  ``interval`` does not apply.
 
+``PatternPolicy`` (``schedule="pattern"``, ``pattern``)
+    Computes exactly the steps marked ``C`` in a computed/forecast pattern of the run's
+    length (``.`` forecast), e.g. ``"C.C.C...C.....C....C..C.C"`` for 25 steps: the
+    schedule ``hicache3d tune --schedules pattern`` searches on the user's own model and
+    images (:mod:`hicache3d.schedule_search`).  Several patterns may be given, one per run
+    length; a run of a length none has (known from the adapter or ``num_steps``) runs the
+    adaptive schedule with the site's ``tolerance`` instead; a run of unknown length
+    follows a single pattern, and computes every step past its end.
+
 A step is always computed while there is nothing to forecast from.
 """
 from __future__ import annotations
@@ -49,13 +58,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Schedule", "SchedulePolicy", "FixedPolicy", "AdaptivePolicy", "make_policy",
-           "error_exponent", "IntervalCost"]
+__all__ = ["Schedule", "SchedulePolicy", "FixedPolicy", "AdaptivePolicy", "PatternPolicy", "make_policy",
+           "error_exponent", "IntervalCost", "parse_pattern", "pattern_of"]
 
 # why a step was computed (trace / summary vocabulary)
-WARMUP, NO_HISTORY, FORCED, CADENCE, LAST, BUDGET, MAX_SKIP, EXACT, JUMP, NO_SIGNAL = (
+WARMUP, NO_HISTORY, FORCED, CADENCE, LAST, BUDGET, MAX_SKIP, EXACT, JUMP, NO_SIGNAL, PATTERN, PAST = (
     "warm-up", "no history", "forced", "cadence", "last steps", "budget", "max_skip",
-    "tolerance 0", "error jump", "no error signal")
+    "tolerance 0", "error jump", "no error signal", "pattern", "past the pattern")
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,10 @@ class SchedulePolicy:
     def start(self, num_steps: Optional[int]) -> None:
         self.num_steps = num_steps
 
+    def describe(self) -> str:
+        """What decides this run's steps (for the run's statistics)."""
+        return self.name
+
     def decide(self, step: int, since_compute: int, has_anchor: bool) -> Optional[str]:
         raise NotImplementedError
 
@@ -139,6 +152,9 @@ class FixedPolicy(SchedulePolicy):
         return self.schedule.reason(step, since_compute, has_anchor, self.num_steps)
 
     decide_static = decide
+
+    def describe(self) -> str:
+        return f"fixed interval {self.schedule.interval}"
 
     def plan(self, num_steps: int) -> List[bool]:
         return self.schedule.plan(num_steps)
@@ -188,6 +204,9 @@ class AdaptivePolicy(SchedulePolicy):
         self.dt_ref: Optional[float] = None
         self.last_observed: Optional[float] = None
         self.last_jump = False
+
+    def describe(self) -> str:
+        return f"adaptive, tolerance {self.tolerance:g}"
 
     # ---------------------------------------------------------------- decisions
     def decide_static(self, step: int, since_compute: int, has_anchor: bool) -> Optional[str]:
@@ -307,6 +326,80 @@ class AdaptivePolicy(SchedulePolicy):
         return float(getattr(self.cost, "ref", 1.0))
 
 
+def parse_pattern(pattern: str) -> List[bool]:
+    """``"C..C."`` -> ``[True, False, False, True, False]`` (``ValueError`` for anything
+    but a non-empty string of ``C`` and ``.`` starting with ``C``)."""
+    if not isinstance(pattern, str) or not pattern or set(pattern) - {"C", "."} or pattern[0] != "C":
+        raise ValueError(f"a schedule pattern is a string of C (computed) and . (forecast), one "
+                         f"character per step, starting with C; got {pattern!r}")
+    return [c == "C" for c in pattern]
+
+
+def pattern_of(computed: Sequence[bool]) -> str:
+    """``[True, False, True]`` -> ``"C.C"``."""
+    return "".join("C" if c else "." for c in computed)
+
+
+class PatternPolicy(SchedulePolicy):
+    """Computes the steps a pattern of the run's length marks ``C`` (see the module doc);
+    a run of a length no pattern has is decided by ``otherwise`` (the adaptive policy)."""
+
+    name = "pattern"
+
+    def __init__(self, patterns: Sequence[str], otherwise: SchedulePolicy):
+        self.patterns = {len(p): parse_pattern(p) for p in patterns}
+        if not self.patterns:
+            raise ValueError("the pattern schedule needs at least one pattern")
+        self.otherwise = otherwise
+        self.start(None)
+
+    def start(self, num_steps: Optional[int]) -> None:
+        self.num_steps = num_steps
+        if num_steps is None and len(self.patterns) == 1:
+            self.active: Optional[List[bool]] = next(iter(self.patterns.values()))
+        else:
+            self.active = self.patterns.get(num_steps) if num_steps is not None else None
+        self.otherwise.start(num_steps)
+
+    @property
+    def needs_errors(self) -> bool:  # type: ignore[override]
+        return self.active is None and self.otherwise.needs_errors
+
+    def describe(self) -> str:
+        if self.active is not None:
+            return f"pattern of {len(self.active)} steps"
+        n = "unknown length" if self.num_steps is None else f"{self.num_steps} steps"
+        have = ", ".join(str(k) for k in sorted(self.patterns))
+        return f"{self.otherwise.describe()} (no pattern for {n}; patterns for {have} steps)"
+
+    def decide_static(self, step: int, since_compute: int, has_anchor: bool) -> Optional[str]:
+        if self.active is None:
+            return self.otherwise.decide_static(step, since_compute, has_anchor)
+        if not has_anchor:
+            return NO_HISTORY
+        if step >= len(self.active):
+            return PAST
+        return PATTERN if self.active[step] else None
+
+    def decide(self, step: int, since_compute: int, has_anchor: bool) -> Optional[str]:
+        if self.active is None:
+            return self.otherwise.decide(step, since_compute, has_anchor)
+        return self.decide_static(step, since_compute, has_anchor)
+
+    def observe(self, step: int, errors: Optional[np.ndarray], horizon: int,
+                times: Sequence[float]) -> None:
+        if self.active is None:
+            self.otherwise.observe(step, errors, horizon, times)
+
+    def predicted(self, horizon: int) -> Optional[float]:
+        return self.otherwise.predicted(horizon) if self.active is None else None
+
+    def plan(self, num_steps: int) -> List[bool]:
+        if num_steps in self.patterns:
+            return list(self.patterns[num_steps])
+        return self.otherwise.plan(num_steps)
+
+
 class IntervalCost:
     """Relative cost of computing a step at sampler time ``t``: ``cost`` inside each
     interval ``lo <= t <= hi`` of ``intervals`` (``[lo, hi, cost]``; e.g. where
@@ -325,6 +418,8 @@ class IntervalCost:
 
 def make_policy(config) -> SchedulePolicy:
     """The policy of a :class:`hicache3d.CacheConfig`."""
+    if config.schedule == "pattern":
+        return PatternPolicy(config.pattern, make_policy(config.replace(schedule="adaptive")))
     if config.schedule == "adaptive":
         return AdaptivePolicy(config.tolerance, max_skip=config.max_skip, min_skip=config.min_skip,
                               first_enhance=config.first_enhance, last_enhance=config.last_enhance,

@@ -4,7 +4,18 @@ each site can take, and write the fastest that meet a fidelity target.
 For every site of the recipe, every setting of the grid (bases x fixed intervals, bases x
 adaptive tolerances) is run with that site cached and the others uncached (fixed interval
 1: every step computed, bit-identical to uncached), then the chosen settings of all sites
-together.  Each run is compared with the uncached run of the same seed and images:
+together.
+
+With ``"pattern"`` among the schedules, each site also gets a searched schedule
+(:mod:`hicache3d.schedule_search`): from every step computed, the computed step whose
+removal costs the least quality per network forward saved is removed, one at a time,
+while the target is met; each pattern on the way is a row like the grid's (``schedule =
+"pattern"``), so the fastest may be chosen.  Its basis: ``pattern_backend``, or that of
+the site's fastest grid row meeting the target (else the first basis).  The search costs
+about ``steps + 2 x (removals)`` runs per site (about 80 at 25 steps); every run is kept,
+so it resumes like the grid.  A chosen pattern holds for the tuned step count; runs of
+another length fall back to the adaptive schedule (with the tolerance of the site's
+fastest adaptive row of the same basis meeting the target, where there is one).  Each run is compared with the uncached run of the same seed and images:
 
 - the final latent of every site, relative L2 (every model);
 - where the pipeline makes a mesh: Chamfer, F-score@tau and voxel IoU of the mesh;
@@ -43,6 +54,7 @@ __all__ = ["tune", "plan_runs", "choose", "meets", "Target", "DEFAULT_BACKENDS",
 
 DEFAULT_BACKENDS = ("hermite", "dmd", "auto")
 DEFAULT_SCHEDULES = ("fixed", "adaptive")
+SCHEDULES = ("fixed", "adaptive", "pattern")
 DEFAULT_INTERVALS = (2, 3, 4, 5, 6)
 DEFAULT_TOLERANCES = (0.25, 0.5, 1.0, 2.0, 4.0)
 TARGET_IOU = 0.98
@@ -88,6 +100,9 @@ def choose(rows: Sequence[Mapping[str, Any]], target: Target, rank_by: str = "fo
 def setting_label(s: Mapping[str, Any]) -> str:
     if s.get("schedule") == "adaptive":
         return f"{s['backend']} adaptive tol {s['tolerance']:g}"
+    if s.get("schedule") == "pattern":
+        pat = s["pattern"][0] if isinstance(s["pattern"], (list, tuple)) else s["pattern"]
+        return f"{s['backend']} pattern {pat}"
     return f"{s['backend']} interval {s['interval']}"
 
 
@@ -197,7 +212,7 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
          schedules: Sequence[str] = DEFAULT_SCHEDULES, intervals: Sequence[int] = DEFAULT_INTERVALS,
          tolerances: Sequence[float] = DEFAULT_TOLERANCES, target_iou: float = TARGET_IOU,
          target_drift: float = TARGET_DRIFT, rank_by: str = "forwards", tau: float = 0.05,
-         sites: Optional[Sequence[str]] = None, progress: bool = True,
+         sites: Optional[Sequence[str]] = None, pattern_backend: Optional[str] = None, progress: bool = True,
          say: Callable[[str], None] = lambda s: None,
          on_run: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Run (or resume) the sweep of ``pipeline`` on ``images``; writes ``OUT/tune.json``,
@@ -211,9 +226,14 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
     if not images:
         raise TuneError("no images to tune on")
     _rank(rank_by)
-    bad = sorted(set(schedules) - {"fixed", "adaptive"})
+    bad = sorted(set(schedules) - set(SCHEDULES))
     if bad or not schedules:
-        raise TuneError(f"unknown schedule(s) {', '.join(bad) or '(none)'}; use fixed, adaptive")
+        raise TuneError(f"unknown schedule(s) {', '.join(bad) or '(none)'}; use {', '.join(SCHEDULES)}")
+    if pattern_backend is not None:
+        from .forecast import registry
+        if pattern_backend not in registry.backend_names():
+            raise TuneError(f"unknown pattern basis {pattern_backend!r}; use one of "
+                            f"{', '.join(registry.backend_names())}")
     if not backends:
         raise TuneError("no backend to sweep")
     if "fixed" in schedules and (not intervals or min(intervals) < 1):
@@ -305,9 +325,22 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
         for g in grid:
             rows.append(measure("site", g["site"], {g["site"]: g["settings"]}))
             bar.update(1)
+        searches: Dict[str, Dict[str, Any]] = {}
+        if "pattern" in schedules:
+            for site in sites:
+                best = choose([r for r in rows if r["site"] == site], target, rank_by)
+                basis = pattern_backend or (best["settings"]["backend"] if best else backends[0])
+                searches[site] = _search_site(site, basis, steps, target, measure, bar)
+                rows += searches[site].pop("rows")
         chosen: Dict[str, Optional[Mapping[str, Any]]] = {
             s: choose([r for r in rows if r["site"] == s], target, rank_by) for s in sites}
         combo = {s: dict(c["settings"]) if c else dict(UNCACHED_SITE) for s, c in chosen.items()}
+        for s, c in chosen.items():
+            if c is not None and c["settings"].get("schedule") == "pattern":
+                fb = choose([r for r in rows if r["site"] == s and r["settings"].get("schedule") == "adaptive"
+                             and r["settings"]["backend"] == c["settings"]["backend"]], target, rank_by)
+                if fb is not None:              # runs of another length: a measured adaptive setting
+                    combo[s]["tolerance"] = fb["settings"]["tolerance"]
         combined = measure("combined", None, combo)
         bar.update(1)
     finally:
@@ -321,6 +354,7 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
                        "intervals": [int(i) for i in intervals], "tolerances": [float(t) for t in tolerances]},
               "reference": {"forwards": ref.forwards, "seconds": ref.seconds},
               "rows": rows, "chosen": {s: (c["id"] if c else None) for s, c in chosen.items()},
+              "searches": searches,
               "combined": combined, "combined_meets_target": meets(combined, target),
               "runs_measured_now": measured_now, "runs_resumed": resumed}
     atomic_write(out / "tune.json", (json.dumps(result, indent=1) + "\n").encode())
@@ -343,6 +377,32 @@ def tune(pipeline: Pipeline, images: Sequence[Path], out: Path, *, steps: Option
                           f"   or: hicache3d.accelerate(pipe, settings=\"{out / 'settings.toml'}\")")
     write_report(result, out)
     return result
+
+
+def _search_site(site: str, basis: str, steps: int, target: Target, measure, bar) -> Dict[str, Any]:
+    """The pattern search of one site (:func:`hicache3d.schedule_search.search_pattern`),
+    every run through ``measure`` (so kept and resumed); returns the path's rows (the
+    patterns that forecast at least one step) and a summary."""
+    from .schedule_search import search_pattern
+    from .tune_report import _quality
+    n = 0
+
+    def evaluate(pattern: str) -> Dict[str, Any]:
+        nonlocal n
+        n += 1
+        bar.total += 1
+        bar.refresh()
+        rec = measure("site", site, {site: {"backend": basis, "schedule": "pattern", "pattern": pattern}})
+        bar.update(1)
+        return rec
+
+    def quality(row: Mapping[str, Any]) -> float:
+        q = _quality(row, target.kind)
+        return -np.inf if q is None else float(q)
+
+    path = search_pattern(evaluate, steps, quality=quality, meets=lambda r: meets(r, target))
+    rows = [{k: v for k, v in r.items() if k not in ("pattern", "computed")} for r in path[1:]]
+    return {"backend": basis, "runs": n, "path": [r["pattern"] for r in path], "rows": rows}
 
 
 def _combined_phrase(row: Mapping[str, Any], target: Target, ref: Output, timing: str = "end to end") -> str:

@@ -99,7 +99,8 @@ _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 
 def _plot(path: Path, site: str, rows: Sequence[Mapping[str, Any]], target, chosen_id, res) -> None:
     """Quality vs forward ratio, one colour per basis (circles: fixed interval, squares:
-    adaptive), the Pareto frontier, the target line and the chosen setting."""
+    adaptive, triangles: searched patterns), the Pareto frontier, the target line and the
+    chosen setting."""
     import io
 
     from PIL import Image, ImageDraw
@@ -147,6 +148,8 @@ def _plot(path: Path, site: str, rows: Sequence[Mapping[str, Any]], target, chos
         cx, cy = px(x, y)
         if r["settings"]["schedule"] == "adaptive":
             d.rectangle([cx - 4, cy - 4, cx + 4, cy + 4], fill=c)
+        elif r["settings"]["schedule"] == "pattern":
+            d.polygon([(cx, cy - 5), (cx - 5, cy + 4), (cx + 5, cy + 4)], fill=c)
         else:
             d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=c)
         if r["id"] == chosen_id:
@@ -158,8 +161,9 @@ def _plot(path: Path, site: str, rows: Sequence[Mapping[str, Any]], target, chos
         d.text((W - R + 24, ly), b, fill="black")
         ly += 16
     d.text((W - R + 10, ly + 4), "o fixed, [] adaptive", fill="black")
-    d.text((W - R + 10, ly + 20), "black: Pareto front", fill="black")
-    d.text((W - R + 10, ly + 36), "red ring: chosen", fill=(200, 0, 0))
+    d.text((W - R + 10, ly + 20), "^ searched pattern", fill="black")
+    d.text((W - R + 10, ly + 36), "black: Pareto front", fill="black")
+    d.text((W - R + 10, ly + 52), "red ring: chosen", fill=(200, 0, 0))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write(path, buf.getvalue())

@@ -7,6 +7,8 @@ method or function per step::
     adapter = "generic"
     module = "my_pkg.sampling"
     run = "Sampler.sample"               # one call = one run (state resets)
+    steps_arg = "steps"                  # optional: the run's step count (name or position),
+                                         # for last_enhance and per-length schedule patterns
     [sites.main]
     step = "Sampler.velocity"            # returns the (final, CFG-combined) velocity
     t_arg = "t"                          # name or position of the time argument (optional)
@@ -17,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hicache3d.patching import (Controller, bind, is_wrapped, run_wrapper, step_wrapper, swap_class,
-                                wrap_method)
+from hicache3d.patching import (Controller, bind, is_wrapped, run_wrapper, step_wrapper, steps_getter,
+                                swap_class, wrap_method)
 from hicache3d.recipe import RecipeError
 
 from .base import Adapter, resolve, time_getter
@@ -37,7 +39,7 @@ class GenericAdapter(Adapter):
     def _instrument_class(self, controller: Controller) -> None:
         owner, name = self.run_target()
         steps = self._steps()                   # every target resolved before any is patched
-        wrap_method(controller, owner, name, run_wrapper(controller))
+        wrap_method(controller, owner, name, run_wrapper(controller, steps_of=steps_getter(self.recipe.steps_arg)))
         for site, sowner, sname in steps:
             wrap_method(controller, sowner, sname, step_wrapper(site.name, time_getter(site.t_arg)))
 
@@ -70,7 +72,7 @@ class GenericAdapter(Adapter):
         owner, name = self.run_target()
         if is_wrapped(owner, name):
             return
-        wrappers = {name: run_wrapper(None)}
+        wrappers = {name: run_wrapper(None, steps_of=steps_getter(self.recipe.steps_arg))}
         for site, sowner, sname in self._steps():
             w = step_wrapper(site.name, time_getter(site.t_arg))
             if isinstance(sowner, type) and isinstance(obj, sowner):

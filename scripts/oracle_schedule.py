@@ -1,7 +1,7 @@
 """How far can any one schedule go?  A greedy search for the best computed/forecast
 pattern on the bundled generator, fitted to the very shapes it is scored on (an optimistic
-ceiling for every schedule that treats the batch alike, fixed or adaptive, not a schedule
-to ship).
+ceiling for every schedule that treats the batch alike, fixed or adaptive; the schedule a
+tune ships, searched on other shapes, is `scripts/bench_pattern.py`).
 
 From "every step computed", it removes, one at a time, the computed step whose removal
 costs the least mean voxel IoU per network forward saved (a step where classifier-free
@@ -24,28 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import hicache3d  # noqa: E402
-import hicache3d.cache as cache_mod  # noqa: E402
 from hicache3d import schedule as sched  # noqa: E402
 from hicache3d._io import atomic_write  # noqa: E402
 from hicache3d.bench import held_out, occupancy_scores, pareto, ratio_at, summarize  # noqa: E402
 
 LEVELS = (0.97, 0.975, 0.98, 0.985, 0.99)
-
-
-class PatternPolicy(sched.SchedulePolicy):
-    """Computes exactly the steps in ``computed`` (and any step with nothing to forecast from)."""
-
-    name = "pattern"
-
-    def __init__(self, computed):
-        self.computed = frozenset(computed)
-
-    def decide(self, step, since_compute, has_anchor):
-        if not has_anchor:
-            return sched.NO_HISTORY
-        return sched.FORCED if step in self.computed else None
-
-    decide_static = decide
 
 
 def main() -> None:
@@ -80,13 +63,10 @@ def main() -> None:
     else:
         cond, _, _ = held_out(a.shapes)
     ref = gen(cond, steps=a.steps, seed=0)
-    current = {"pattern": None}
-    cache_mod.make_policy = lambda config: PatternPolicy(current["pattern"])
 
     def evaluate(computed):
-        current["pattern"] = computed
-        with hicache3d.accelerate(gen, "bundled", backend=a.backend, schedule="fixed", interval=2,
-                                  first_enhance=1):
+        pattern = sched.pattern_of([i in computed for i in range(a.steps)])
+        with hicache3d.accelerate(gen, "bundled", backend=a.backend, schedule="pattern", pattern=pattern):
             out = gen(cond, steps=a.steps, seed=0)
         sc = summarize(occupancy_scores(out.occupancy, ref.occupancy, out.latent, ref.latent))
         return {"computed": sorted(computed), "network_forwards": out.network_forwards,

@@ -493,17 +493,12 @@ def test_dt_power_raises_the_step_weights():
     assert np.allclose(wa, want) and np.allclose(wb, want ** 2)
 
 
-def test_oracle_search_pattern_policy_computes_exactly_its_steps(monkeypatch):
-    """scripts/oracle_schedule.py scores computed/forecast patterns through the cache: its
-    policy computes exactly the steps given (and the first, with nothing to forecast from)."""
-    from hicache3d import cache as cache_mod
-
+def test_oracle_search_script_uses_the_library_pattern_schedule():
+    """scripts/oracle_schedule.py scores its patterns with ``schedule="pattern"`` (tested in
+    tests/test_pattern_schedule.py), not a copy of the policy; it still loads."""
     from ._scripts import load_script
     m = load_script("oracle_schedule")
-    monkeypatch.setattr(cache_mod, "make_policy", lambda config: m.PatternPolicy({2, 5, 6}))
-    c = VelocityCache(CacheConfig(backend="hermite", interval=2, first_enhance=1))
-    _, calls = drive(c, smooth, steps=9)
-    assert calls == [0, 2, 5, 6] and c.stats.pattern == "C.C..CC.."
+    assert callable(m.main) and not hasattr(m, "PatternPolicy")
 
 
 def test_first_window_forecasts_before_the_first_error_signal(monkeypatch):

@@ -573,3 +573,45 @@ def test_bundled_generator_checks_the_noise_it_is_given():
     a = gen(cond, steps=3, seed=5)
     b = gen(cond, steps=3, noise=gen.noise(2, 5))
     assert torch.equal(a.latent, b.latent)
+
+
+def test_tune_searches_a_pattern_chooses_it_when_fastest_and_resumes(pipe, images, tmp_path):
+    """``--schedules ...,pattern``: the search's path is in the table (each row reproduced
+    by running the generator with its pattern), the choice is the fastest row meeting the
+    target, the settings file carries the pattern (and a measured adaptive tolerance for
+    runs of other lengths), and a rerun measures nothing again."""
+    from hicache3d.tune import tune
+    out = tmp_path / "tune"
+    grid = dict(GRID, schedules=["fixed", "adaptive", "pattern"])
+    res = tune(pipe, sorted(images.iterdir()), out, progress=False, target_iou=0.95, **grid)
+    pats = [r for r in res["rows"] if r["settings"]["schedule"] == "pattern"]
+    search = res["searches"]["sparse_structure"]
+    assert pats and search["path"][0] == "C" * STEPS and len(search["path"]) == len(pats) + 1
+    assert [r["settings"]["pattern"] for r in pats] == search["path"][1:]
+    assert search["backend"] == min((r for r in res["rows"][:6] if r["iou_mean"] >= 0.95),
+                                    key=lambda r: (r["forwards"], r["seconds"]))["settings"]["backend"]
+    # the path removes one computed step at a time, and every pattern on it meets the target
+    counts = [p.count("C") for p in search["path"]]
+    assert counts == list(range(STEPS, STEPS - len(counts), -1))
+    assert all(r["iou_mean"] >= 0.95 for r in pats)
+    cond = pipe.prepare(sorted(images.iterdir()))
+    with hicache3d.uncached():
+        ref = pipe.gen(cond, steps=STEPS, seed=0)
+    for row in pats:
+        with hicache3d.accelerate(pipe.gen, "bundled", sites={"sparse_structure": row["settings"]}):
+            o = pipe.gen(cond, steps=STEPS, seed=0)
+        assert o.network_forwards == row["forwards"]
+        assert abs(np.mean(_iou(o.occupancy, ref.occupancy)) - row["iou_mean"]) < 1e-12
+    want = _expected_choice(res["rows"], 0.95)
+    assert res["chosen"]["sparse_structure"] == want["id"]
+    settings = load_settings(out / "settings.toml").sites["sparse_structure"]
+    if want["settings"]["schedule"] == "pattern":
+        assert settings["pattern"] == want["settings"]["pattern"]
+        tol = [r["settings"]["tolerance"] for r in res["rows"] if r["settings"]["schedule"] == "adaptive"
+               and r["settings"]["backend"] == want["settings"]["backend"] and r["iou_mean"] >= 0.95]
+        assert settings.get("tolerance") == (tol[0] if tol else None)
+    assert "pattern" in (out / "tune.md").read_text()
+    counted = []
+    res2 = tune(pipe, sorted(images.iterdir()), out, progress=False, target_iou=0.95, on_run=counted.append,
+                **grid)
+    assert counted == [] and res2["searches"] == res["searches"]
