@@ -11,7 +11,7 @@ from .cache import CacheStats
 from .patching import Controller, Instrumentor, RunRecord, bind, controller_of, rebind, use_controller
 from .recipe import Recipe, RecipeError, get_recipe, known_recipes
 
-__all__ = ["Acceleration", "accelerate", "enable", "disable", "detect_recipe"]
+__all__ = ["Acceleration", "accelerate", "enable", "disable", "detect_recipe", "implied_schedule"]
 
 
 def detect_recipe(pipeline: Any) -> Recipe:
@@ -87,12 +87,27 @@ class Acceleration:
 def _settings(recipe: Recipe, settings: Mapping[str, Any],
               sites: Optional[Mapping[str, Mapping[str, Any]]]) -> Recipe:
     # None is a meaningful value of some settings (batch_dim=None: one item; num_steps)
+    per_site = {k: implied_schedule(v) for k, v in (sites or {}).items()}
+    return recipe.with_settings(implied_schedule(settings), per_site)
+
+
+def implied_schedule(settings: Mapping[str, Any]) -> Dict[str, Any]:
+    """``settings`` with the schedule its keys ask for where none is named (as on the
+    command line): a ``pattern`` asks for the pattern schedule, an ``interval`` for the
+    fixed cadence, a ``tolerance`` for the adaptive schedule.  Two of them without a
+    ``schedule`` are ambiguous: ``ValueError``."""
     settings = dict(settings)
-    if settings.get("pattern") and "schedule" not in settings:
-        settings["schedule"] = "pattern"          # a pattern asks for the pattern schedule (as the CLI)
-    elif settings.get("interval") is not None and "schedule" not in settings and "tolerance" not in settings:
-        settings["schedule"] = "fixed"            # an interval asks for the fixed cadence (as the CLI)
-    return recipe.with_settings(settings, sites or {})
+    if settings.get("schedule") is not None:
+        return settings
+    asked = [(k, s) for k, s in (("pattern", "pattern"), ("interval", "fixed"), ("tolerance", "adaptive"))
+             if settings.get(k) not in (None, (), "")]
+    if len(asked) > 1:
+        keys = " and ".join(f"{k}=" for k, _ in asked)
+        raise ValueError(f"{keys} belong to different schedules ({', '.join(s for _, s in asked)}): "
+                         f"name one with schedule=")
+    if asked:
+        settings["schedule"] = asked[0][1]
+    return settings
 
 
 def _with_file(pipeline: Any, recipe: Union[str, Recipe, None], settings_file: Any,

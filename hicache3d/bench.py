@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ._io import atomic_write
-__all__ = ["run_sweep", "write_reports", "pareto", "ratio_at", "frontier_table", "held_out",
+__all__ = ["run_sweep", "write_reports", "pareto", "ratio_at", "frontier_table", "tune_choices", "held_out",
            "occupancy_scores", "summarize"]
 
 
@@ -178,6 +178,8 @@ def run_sweep(backends: Sequence[str], intervals: Sequence[int], steps: Sequence
 
 
 def _setting(r: Mapping[str, Any]) -> str:
+    if r.get("schedule") == "pattern":
+        return "searched pattern"
     if r.get("schedule", "fixed") == "adaptive":
         return f"adaptive tol {r['tolerance']:g}" + (" per shape" if r.get("per_item") else "")
     return f"interval {r['interval']}"
@@ -204,13 +206,15 @@ def ratio_at(front: Sequence[Mapping[str, Any]], iou: float, key: str = "forward
 def frontier_table(rows: Sequence[Mapping[str, Any]],
                    levels: Sequence[float] = (0.97, 0.975, 0.98, 0.985, 0.99)) -> List[Dict[str, Any]]:
     """Per step count and IoU level: forward ratio (and interpolated per-sample minimum
-    IoU) of the adaptive frontier and of the best fixed-interval frontier (any basis)."""
+    IoU) of the adaptive frontier and of the best fixed-interval frontier (any basis), and
+    of the searched patterns (``schedule="pattern"`` rows) where there are any."""
     out = []
     for S in sorted({int(r["steps"]) for r in rows}):
         rs = [r for r in rows if int(r["steps"]) == S]
         fixed = pareto([r for r in rs if r.get("schedule", "fixed") == "fixed"])
         adapt = pareto([r for r in rs if r.get("schedule") == "adaptive" and not r.get("per_item")])
         items = pareto([r for r in rs if r.get("schedule") == "adaptive" and r.get("per_item")])
+        pats = pareto([r for r in rs if r.get("schedule") == "pattern"])
         for lv in levels:
             f, a = ratio_at(fixed, lv), ratio_at(adapt, lv)
             row = {"steps": S, "iou": lv, "fixed_ratio": f, "adaptive_ratio": a,
@@ -221,6 +225,10 @@ def frontier_table(rows: Sequence[Mapping[str, Any]],
                 p = ratio_at(items, lv)
                 row.update({"per_item_ratio": p, "per_item_min": ratio_at(items, lv, "iou_min"),
                             "per_item_gain": (p / f - 1.0) if (p and f) else None})
+            if pats:
+                p = ratio_at(pats, lv)
+                row.update({"pattern_ratio": p, "pattern_min": ratio_at(pats, lv, "iou_min"),
+                            "pattern_gain": (p / f - 1.0) if (p and f) else None})
             out.append(row)
     return out
 
@@ -231,7 +239,8 @@ def write_reports(res: Dict[str, Any], out: Path, stem: str = "fidelity") -> Lis
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
     rows = res["rows"]
-    res["frontier"] = frontier_table(rows) if any(r.get("schedule") == "adaptive" for r in rows) else []
+    res["frontier"] = (frontier_table(rows) if any(r.get("schedule") in ("adaptive", "pattern") for r in rows)
+                       else [])
     _atomic_write(paths[0], json.dumps(res, indent=1, default=float) + "\n")
     md = [f"# Fidelity vs speed on the bundled generator ({len(res['shapes'])} shapes, seed {res['seed']})", "",
           "Every cached run is compared with the uncached run of the same seed and step count: "
@@ -264,7 +273,7 @@ def write_reports(res: Dict[str, Any], out: Path, stem: str = "fidelity") -> Lis
         md += [line, "", "| backend | setting | IoU mean | IoU min | F mean | F min | latent rel L2 | fewer fwd | faster | pattern |",
                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in [r for r in rows if int(r["steps"]) == int(S)]:
-            pat = r.get("pattern") if r.get("schedule") == "adaptive" else ""
+            pat = r.get("pattern") if r.get("schedule") in ("adaptive", "pattern") else ""
             md.append(f"| {r['backend']} | {_setting(r)} | {r['iou_mean']:.3f} | {r['iou_min']:.3f} | "
                       f"{r['fscore_mean']:.3f} | {r['fscore_min']:.3f} | {r['latent_rel_l2_mean']:.3f} | "
                       f"{r['forward_ratio']:.2f}x | {r['speedup']:.2f}x | {('`' + pat + '`') if pat else ''} |")
@@ -289,11 +298,12 @@ def write_reports(res: Dict[str, Any], out: Path, stem: str = "fidelity") -> Lis
                         ms=3, lw=0.8, alpha=0.6)
         for name, sel, one, style in (("fixed-interval frontier", "fixed", False, "k--"),
                                       ("adaptive frontier (batch)", "adaptive", False, "r-"),
-                                      ("adaptive frontier (per shape)", "adaptive", True, "b-")):
+                                      ("adaptive frontier (per shape)", "adaptive", True, "b-"),
+                                      ("searched-pattern frontier", "pattern", False, "g-")):
             fr = pareto([r for r in rs if r.get("schedule", "fixed") == sel and bool(r.get("per_item")) == one])
             if fr:
                 ax.plot([r["forward_ratio"] for r in fr], [r["iou_mean"] for r in fr], style,
-                        marker="s" if sel == "adaptive" else None, ms=5, lw=2, label=name)
+                        marker={"adaptive": "s", "pattern": "^"}.get(sel), ms=5, lw=2, label=name)
         ax.set_title(f"{S} steps")
         ax.set_xlabel("network forwards saved (uncached / cached)")
         ax.set_ylabel("voxel IoU vs uncached (mean)")
@@ -319,14 +329,16 @@ def _frontier_md(res: Dict[str, Any]) -> List[str]:
         return []
     f = lambda x, fmt: "–" if x is None else format(x, fmt)  # noqa: E731
     per = any("per_item_ratio" in r for r in fr)
+    pat = any("pattern_ratio" in r for r in fr)
     lines = ["## Adaptive vs fixed interval at matched mean IoU", "",
              "Forward ratio (uncached / cached network forwards) of the adaptive frontier and of "
              "the best fixed-interval frontier of any basis, linearly interpolated between their "
              "Pareto points at each mean IoU; per-sample minimum IoU interpolated the same way. "
              "`gain` = adaptive / fixed − 1 (– where a frontier does not reach that IoU).", "",
              "| steps | mean IoU | fixed fwd ratio | adaptive fwd ratio | gain | fixed min IoU | adaptive min IoU |"
-             + (" per shape fwd ratio | gain | per shape min IoU |" if per else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|---|" if per else "")]
+             + (" per shape fwd ratio | gain | per shape min IoU |" if per else "")
+             + (" searched pattern fwd ratio | gain | searched pattern min IoU |" if pat else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|---|" if per else "") + ("---|---|---|" if pat else "")]
     g = lambda x: "–" if x is None else format(100 * x, "+.0f") + "%"  # noqa: E731
     for r in fr:
         line = (f"| {r['steps']} | {r['iou']:.3f} | {f(r['fixed_ratio'], '.2f')} | "
@@ -335,13 +347,67 @@ def _frontier_md(res: Dict[str, Any]) -> List[str]:
         if per:
             line += (f" {f(r.get('per_item_ratio'), '.2f')} | {g(r.get('per_item_gain'))} | "
                      f"{f(r.get('per_item_min'), '.3f')} |")
+        if pat:
+            line += (f" {f(r.get('pattern_ratio'), '.2f')} | {g(r.get('pattern_gain'))} | "
+                     f"{f(r.get('pattern_min'), '.3f')} |")
         lines.append(line)
     if per:
         lines += ["", "`per shape`: the adaptive rows run one shape per call, as `hicache3d generate` "
                   "runs, so each shape's schedule is decided on that shape alone (the batched rows "
                   "decide one schedule for the batch, on its worst item); same noise, so the same "
                   "samples and the same uncached reference."]
+    if pat:
+        tuned = sorted({r["tuned_on"] for r in res["rows"] if r.get("schedule") == "pattern" and r.get("tuned_on")})
+        lines += ["", "`searched pattern`: `schedule=\"pattern\"`, the computed/forecast patterns of a "
+                  "greedy search (`hicache3d.schedule_search`, as `hicache3d tune --schedules pattern` "
+                  "runs it) made on other shapes (" + ", ".join(tuned) + "; "
+                  "`scripts/bench_pattern.py`) and scored here on shapes the search never saw; every "
+                  "pattern on the search's path is a point, and the frontier runs through them."]
+        lines += [""] + _tune_choice_md(res["rows"])
     return lines + [""]
+
+
+def tune_choices(rows: Sequence[Mapping[str, Any]],
+                 levels: Sequence[float] = (0.97, 0.975, 0.98, 0.985, 0.99)) -> List[Dict[str, Any]]:
+    """What a tune at each target would pick, with no look at the scored shapes: per step
+    count and target, the searched pattern with the most forwards saved whose mean IoU on
+    the tuning shapes meets the target; its scores here, and the best fixed-interval
+    frontier's forward ratio at the mean IoU it reaches here (``gain``)."""
+    out = []
+    for S in sorted({int(r["steps"]) for r in rows}):
+        rs = [r for r in rows if int(r["steps"]) == S]
+        pats = [r for r in rs if r.get("schedule") == "pattern" and r.get("tuning_iou_mean") is not None]
+        fixed = pareto([r for r in rs if r.get("schedule", "fixed") == "fixed"])
+        for lv in levels:
+            ok = [r for r in pats if r["tuning_iou_mean"] >= lv]
+            if not ok:
+                continue
+            c = max(ok, key=lambda r: (r["forward_ratio"], r["tuning_iou_mean"]))
+            f = ratio_at(fixed, c["iou_mean"])
+            out.append({"steps": S, "target": lv, "pattern": c["pattern"], "tuning_iou": c["tuning_iou_mean"],
+                        "iou_mean": c["iou_mean"], "iou_min": c["iou_min"], "ratio": c["forward_ratio"],
+                        "fixed_ratio": f, "fixed_min": ratio_at(fixed, c["iou_mean"], "iou_min"),
+                        "gain": (c["forward_ratio"] / f - 1.0) if f else None})
+    return out
+
+
+def _tune_choice_md(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+    ch = tune_choices(rows)
+    if not ch:
+        return []
+    f = lambda x, fmt: "–" if x is None else format(x, fmt)  # noqa: E731
+    lines = ["What `tune` would choose, decided on the tuning shapes alone: at each target, the "
+             "searched pattern with the most forwards saved whose mean IoU on the tuning shapes meets "
+             "it, scored here; `fixed` is the best fixed-interval frontier at the mean IoU it reaches "
+             "here.", "",
+             "| steps | target | pattern | IoU (tuning shapes) | IoU here | min here | fwd ratio | fixed fwd ratio | gain | fixed min IoU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in ch:
+        g = "–" if c["gain"] is None else format(100 * c["gain"], "+.0f") + "%"
+        lines.append(f"| {c['steps']} | {c['target']:.3f} | `{c['pattern']}` | {c['tuning_iou']:.4f} | "
+                     f"{c['iou_mean']:.4f} | {c['iou_min']:.3f} | {c['ratio']:.2f} | {f(c['fixed_ratio'], '.2f')} | "
+                     f"{g} | {f(c['fixed_min'], '.3f')} |")
+    return lines
 
 
 def _verdict(rows: List[Dict[str, Any]]) -> List[str]:

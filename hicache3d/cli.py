@@ -118,18 +118,31 @@ _PATTERN_HELP = ("Computed/forecast pattern, one character per step (C computed,
                  "--schedule pattern. A run of a length no pattern has uses the adaptive schedule.")
 
 
+def _implied(settings: dict, where: str) -> dict:
+    """A ``--site`` override with the schedule its keys ask for (as the options do)."""
+    from .api import implied_schedule
+    try:
+        return implied_schedule(settings)
+    except ValueError as e:
+        raise click.UsageError(f"{where} {e}")
+
+
 def _schedule_settings(interval, schedule, tolerance, pattern) -> dict:
-    """The schedule keys the command-line options ask for (an interval alone asks for the
-    fixed cadence, a pattern for the pattern schedule)."""
-    if pattern and schedule is None:
-        schedule = "pattern"
-    if interval is not None and schedule is None and tolerance is None:
-        schedule = "fixed"
+    """The schedule keys the command-line options ask for: without --schedule, a pattern
+    asks for the pattern schedule, an interval for the fixed cadence, a tolerance for the
+    adaptive schedule (:func:`hicache3d.api.implied_schedule`)."""
+    from .api import implied_schedule
     out = {k: v for k, v in dict(interval=interval, schedule=schedule, tolerance=tolerance).items()
            if v is not None}
     if pattern:
         out["pattern"] = tuple(pattern)
-    return out
+    try:
+        return implied_schedule(out)
+    except ValueError as e:
+        msg = str(e)
+        for key in ("interval", "tolerance", "pattern", "schedule"):
+            msg = msg.replace(f"{key}= ", f"--{key} ").replace(f"{key}=", f"--{key}")
+        raise click.UsageError(msg)
 _TOLERANCE_HELP = ("Adaptive schedule: the error budget of one forecast window (a relative "
                    "velocity error, dt-weighted; 0 computes every step, larger skips more).")
 
@@ -179,7 +192,7 @@ def patch_cmd(model, recipe_path, backend, interval, first_enhance, history, sch
         common = {k: v for k, v in dict(backend=backend, first_enhance=first_enhance,
                                          history=history).items() if v is not None}
         common.update(_schedule_settings(interval, schedule, tolerance, pattern))
-        sites = _parse_site_overrides(site_overrides)
+        sites = {s: _implied(v, f"--site {s}:") for s, v in _parse_site_overrides(site_overrides).items()}
         source = None
         if settings_path is not None:
             from .settings_file import load_settings

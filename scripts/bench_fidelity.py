@@ -12,6 +12,10 @@ runs (`--per-shape`).  Writes benchmarks/fidelity.{json,md,png}.
         # only the fixed rows of these bases (every step count and interval), merged with
         # the other bases' rows and the adaptive rows of benchmarks/fidelity.json
     python scripts/bench_fidelity.py --quick    # 8 shapes, 12 steps, intervals 3 and 6
+
+The searched-pattern rows (`schedule="pattern"`) come from scripts/bench_pattern.py: the
+partial re-runs above keep them; a full sweep starts the file afresh, so run
+bench_pattern.py after it.
 """
 import argparse
 import json
@@ -57,13 +61,14 @@ def merge_rows(old: dict, new: dict, bases: list) -> dict:
 
 def with_stored(old: dict, res: dict) -> dict:
     """``res`` (a run of the adaptive rows) with the fixed rows of the stored sweep ``old``
-    in their place, and the stored notes and the record of re-run bases kept (they are
-    about the fixed rows and the settings, which this run does not change)."""
+    in their place, and the stored notes, the record of re-run bases and the searched-
+    pattern rows (``scripts/bench_pattern.py``) kept (this run does not change them)."""
     fixed = [dict(r, schedule=r.get("schedule", "fixed"), tolerance=r.get("tolerance"))
              for r in old["rows"] if r.get("schedule", "fixed") == "fixed"]
     out = dict(res)
-    out["rows"] = fixed + [r for r in res["rows"] if r["schedule"] == "adaptive"]
-    for key in ("notes", "rerun_bases"):
+    out["rows"] = (fixed + [r for r in res["rows"] if r["schedule"] == "adaptive"]
+                   + [r for r in old["rows"] if r.get("schedule") == "pattern"])
+    for key in ("notes", "rerun_bases", "pattern_search", "pattern_search_variants"):
         if old.get(key):
             out[key] = old[key]
     return out

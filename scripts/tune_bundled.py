@@ -1,11 +1,12 @@
 """`hicache3d tune` on the bundled generator with its default grid (hermite, dmd, auto x
-intervals 2-6 and tolerances 0.25-4, 25 steps), on four views of examples/shape.png
-(the image, mirrored, rotated by 20 and by -35 degrees and squeezed).  Writes
+intervals 2-6 and tolerances 0.25-4, 25 steps) and the pattern search
+(`--schedules fixed,adaptive,pattern`), on four views of examples/shape.png (the image,
+mirrored, rotated by 20 and by -35 degrees and squeezed).  Writes
 benchmarks/tune_bundled/{tune.json,tune.md,pareto-sparse_structure.png,settings.toml};
 its per-run records go to benchmarks/tune_bundled/runs/ (not kept in git; a rerun
 resumes from them).
 
-    python scripts/tune_bundled.py            # about 2-4 min on 2 shared cores
+    python scripts/tune_bundled.py            # about 5-8 min on 2 shared cores
 """
 import argparse
 import sys
@@ -37,12 +38,14 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("benchmarks") / "tune_bundled",
                     help="relative to the repository root")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--schedules", default="fixed,adaptive,pattern")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import os
     os.chdir(ROOT)                        # the files name the folder relative to the repository
     with tempfile.TemporaryDirectory() as d:
-        res = tune(BundledPipeline(), views(Path(d)), a.out, steps=25, say=print)
+        res = tune(BundledPipeline(), views(Path(d)), a.out, steps=25, say=print,
+                   schedules=[x.strip() for x in a.schedules.split(",") if x.strip()])
     print(res["combined"]["forwards"], "of", res["reference"]["forwards"], "forwards together;",
           "wrote", a.out / "tune.md")
 
