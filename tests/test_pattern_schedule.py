@@ -214,3 +214,60 @@ def test_search_finds_no_worse_than_the_best_fixed_cadence_on_a_model(monkeypatc
     best_fixed = min((r["forwards"] for r in fixed if r["iou"] >= target), default=ref.network_forwards)
     assert path[-1]["iou"] >= target and path[-1]["forwards"] <= best_fixed
     assert math.isclose(run(pattern=path[-1]["pattern"])["iou"], path[-1]["iou"])   # reproducible
+
+
+def test_bundled_recipe_patterns_are_what_tune_chooses_in_the_stored_benchmark():
+    """The bundled recipe's patterns are, per step count, the searched pattern with the
+    most forwards saved whose IoU on the tuning shapes meets 0.98 (what ``tune`` would
+    choose), as stored in benchmarks/fidelity.json, and the recipe's comment quotes their
+    scores on the 32 held-out shapes."""
+    import json
+    from pathlib import Path
+
+    from hicache3d.recipe import get_recipe
+    root = Path(__file__).resolve().parent.parent
+    rows = json.loads((root / "benchmarks" / "fidelity.json").read_text())["rows"]
+    cfg = get_recipe("bundled").site("sparse_structure").config
+    text = (root / "recipes" / "bundled.toml").read_text()
+    assert sorted(len(p) for p in cfg.pattern) == [12, 25, 50]
+    for p in cfg.pattern:
+        searched = [r for r in rows if r.get("schedule") == "pattern" and r["steps"] == len(p)
+                    and r["backend"] == cfg.backend]
+        ok = [r for r in searched if r["tuning_iou_mean"] >= 0.98]
+        best = max(ok, key=lambda r: (r["forward_ratio"], r["tuning_iou_mean"]))
+        assert best["pattern"] == p
+        assert f"{best['iou_mean']:.3f} (min {best['iou_min']:.3f}) at" in text.replace("\n# ", " ")
+        assert f"{best['forward_ratio']:.2f}x" in text.replace("\n# ", " ")
+
+
+def test_options_alone_ask_for_their_schedule_and_two_of_them_are_refused(tmp_path):
+    """Without a schedule named: a pattern asks for the pattern schedule, an interval for the
+    fixed cadence, a tolerance for the adaptive one (so ``--tolerance`` is not silently
+    ignored under the bundled recipe's patterns); two of them are refused, clearly."""
+    from click.testing import CliRunner
+
+    from hicache3d.api import implied_schedule
+    from hicache3d.bundled import shapes
+    from hicache3d.bundled.generator import BundledGenerator
+    from hicache3d.cli import main
+    assert implied_schedule({"tolerance": 1.0})["schedule"] == "adaptive"
+    assert implied_schedule({"interval": 3})["schedule"] == "fixed"
+    assert implied_schedule({"pattern": "C.C"})["schedule"] == "pattern"
+    assert implied_schedule({"interval": 3, "schedule": "adaptive"})["schedule"] == "adaptive"
+    with pytest.raises(ValueError, match="interval= and tolerance= belong to different schedules"):
+        implied_schedule({"interval": 3, "tolerance": 1.0})
+    gen = BundledGenerator.from_pretrained()
+    cond = shapes.make_example("held_out", 1)[1]
+    with hicache3d.accelerate(gen, "bundled", tolerance=0.0) as run:
+        out = gen(cond, steps=25)
+    assert run.runs[-1].sites["sparse_structure"].pattern == "C" * 25
+    assert out.network_forwards == gen(cond, steps=25).network_forwards
+    with hicache3d.accelerate(gen, "bundled", sites={"sparse_structure": {"tolerance": 0.0}}) as run:
+        gen(cond, steps=25)
+    assert run.runs[-1].sites["sparse_structure"].pattern == "C" * 25
+    png = tmp_path / "in.png"
+    shapes.write_png(png, shapes.condition_to_rgba(cond))
+    r = CliRunner().invoke(main, ["generate", "--image", str(png), "--out", str(tmp_path / "m.glb"),
+                                  "--interval", "3", "--tolerance", "1"])
+    assert r.exit_code == 2 and "--interval  and --tolerance" not in r.output
+    assert "--interval and --tolerance belong to different schedules" in r.output

@@ -293,7 +293,7 @@ def test_computed_steps_do_not_read_device_values(settings, monkeypatch):
 def test_recipes_carry_the_schedule_keys(tmp_path):
     from hicache3d.recipe import RecipeError, get_recipe
     b = get_recipe("bundled").site("sparse_structure").config
-    assert b.schedule == "adaptive" and b.tolerance == 2.0 and b.backend == "hermite"
+    assert b.schedule == "pattern" and b.tolerance == 2.0 and b.backend == "hermite"
     assert get_recipe("trellis").site("slat").config.schedule == "fixed"
     toml = tmp_path / "mine.toml"
     body = ('name = "mine"\nadapter = "generic"\nmodule = "hicache3d.bundled.sampler"\n'
@@ -394,7 +394,7 @@ def test_sensitivity_profile_weights_early_steps_more():
 
 
 def test_accelerate_interval_alone_selects_the_fixed_cadence():
-    """The bundled recipe defaults to the adaptive schedule; ``interval=`` alone asks for the
+    """The bundled recipe defaults to searched patterns; ``interval=`` alone asks for the
     fixed cadence (as ``--interval`` does on the command line), an explicit schedule wins."""
     import hicache3d
     from hicache3d.bundled import shapes
@@ -482,7 +482,8 @@ def test_bundled_recipe_compute_cost_matches_its_sampler():
         s.velocity(lambda x, t, c: x, x, t, x, x, DEFAULT_SAMPLING["cfg_strength"],
                    DEFAULT_SAMPLING["cfg_interval"])
         assert cost(t) == s.network_forwards - n0, t
-    assert isinstance(make_policy(c).cost, IntervalCost)
+    policy = make_policy(c)               # its patterns; the adaptive schedule for other lengths
+    assert isinstance(policy.otherwise.cost, IntervalCost)
 
 
 def test_dt_power_raises_the_step_weights():
