@@ -93,14 +93,17 @@ def _settings(recipe: Recipe, settings: Mapping[str, Any],
 
 def implied_schedule(settings: Mapping[str, Any]) -> Dict[str, Any]:
     """``settings`` with the schedule its keys ask for where none is named (as on the
-    command line): a ``pattern`` asks for the pattern schedule, an ``interval`` for the
-    fixed cadence, a ``tolerance`` for the adaptive schedule.  Two of them without a
-    ``schedule`` are ambiguous: ``ValueError``."""
+    command line): a ``pattern`` asks for the pattern schedule (a ``tolerance`` beside it
+    is that of the adaptive schedule for runs of other lengths), an ``interval`` for the
+    fixed cadence, a ``tolerance`` for the adaptive schedule.  An ``interval`` with either
+    of the others and no ``schedule`` is ambiguous: ``ValueError``."""
     settings = dict(settings)
     if settings.get("schedule") is not None:
         return settings
     asked = [(k, s) for k, s in (("pattern", "pattern"), ("interval", "fixed"), ("tolerance", "adaptive"))
              if settings.get(k) not in (None, (), "")]
+    if [k for k, _ in asked] == ["pattern", "tolerance"]:
+        asked = asked[:1]
     if len(asked) > 1:
         keys = " and ".join(f"{k}=" for k, _ in asked)
         raise ValueError(f"{keys} belong to different schedules ({', '.join(s for _, s in asked)}): "

@@ -10,16 +10,21 @@ batched forward.
 The schedule's sigmas end with a repeated 1.0, so the last step has ``dt = 0``: its
 network call cannot change the result.  The adapter skips it (returns zeros, which the
 pipeline multiplies by ``dt = 0``) and reports it as ``wasted_steps_skipped``.
+
+The run's step count (``len(sigmas)`` or ``len(timesteps)`` where given, else
+``num_inference_steps``) reaches the cache, so a site may hold a searched pattern per step
+count (``schedule="pattern"``).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
 
 from hicache3d.patching import (AdapterState, Controller, Run, bind, current_run, is_wrapped, run_wrapper,
-                                swap_class, wrap_method)
+                                steps_getter, swap_class, wrap_method)
 
 from .base import Adapter
 
@@ -57,6 +62,24 @@ def _model_step_wrapper(model: Any):
     return wrapper
 
 
+def _run_steps(wrapped: Any, args: tuple, kwargs: dict) -> Optional[int]:
+    """The number of Euler steps of one call: an explicit schedule's length (``sigmas`` /
+    ``timesteps``), else ``num_inference_steps`` (``None``: not known)."""
+    try:
+        b = inspect.signature(wrapped).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    b.apply_defaults()
+    for key in ("sigmas", "timesteps"):
+        v = b.arguments.get(key)
+        if v is not None:
+            try:
+                return len(v) or None
+            except TypeError:
+                return None
+    return steps_getter("num_inference_steps")(wrapped, (), dict(b.arguments))
+
+
 class Hunyuan3DAdapter(Adapter):
     def _on_open(self, controller: Controller):
         def on_open(run: Run) -> None:
@@ -68,11 +91,12 @@ class Hunyuan3DAdapter(Adapter):
 
     def _instrument_class(self, controller: Controller) -> None:
         owner, name = self.run_target()
-        wrap_method(controller, owner, name, run_wrapper(controller, on_open=self._on_open(controller)))
+        wrap_method(controller, owner, name, run_wrapper(controller, on_open=self._on_open(controller),
+                                                         steps_of=_run_steps))
 
     def _instrument_object(self, obj: Any, controller: Controller) -> None:
         bind(obj, controller)
         owner, name = self.run_target()
         if is_wrapped(owner, name):
             return
-        swap_class(controller, obj, {name: run_wrapper(None, on_open=self._on_open(controller))})
+        swap_class(controller, obj, {name: run_wrapper(None, on_open=self._on_open(controller), steps_of=_run_steps)})

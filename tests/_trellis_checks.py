@@ -108,6 +108,15 @@ def adaptive_check(E, stages, recipe_name, call, uncached_forwards):
             with E.count_calls(model) as c:
                 assert same(call(fn, s, model).samples, ref), site
         assert c.n == uncached_forwards(site)
+        # a searched pattern: the sampler's step count reaches the cache, so of two
+        # patterns the one of the run's length decides
+        pat = "CC..C.C..C.C"
+        with hicache3d.accelerate(s, recipe_name, pattern=[pat, "C.C.C"]) as run:
+            with E.count_calls(model) as c:
+                out = call(fn, s, model).samples
+        st = run.stats["runs"][-1]["sites"][site]
+        assert st["pattern"] == pat and st["schedule"] == "pattern of 12 steps", st
+        assert 0 < c.n < uncached_forwards(site) and drift(out, ref) < 0.5, (site, c.n)
 
 
 class Pipe:

@@ -88,6 +88,23 @@ def test_adaptive_schedule_makes_fewer_calls(pipe):
     assert c.n == STEPS - 1
 
 
+def test_searched_pattern_of_the_run_length(pipe):
+    """``schedule="pattern"`` on the real pipeline: the run's step count reaches the cache
+    (from ``num_inference_steps``, or an explicit ``sigmas``), so the pattern of that length
+    decides, and a run of another length falls back to the adaptive schedule."""
+    pat = "CC.C..C.C"                                         # STEPS = 9; the last step has dt = 0
+    ref = latents(pipe)
+    with hicache3d.accelerate(pipe, pattern=[pat, "C.C.C"], tolerance=0.5) as run:
+        with H.count_calls(net(pipe)) as c:
+            out = latents(pipe)
+        other = H.run(pipe, steps=7, output_type="latent")
+    st = run.stats["runs"][0]["sites"]["shape"]
+    assert st["schedule"] == f"pattern of {STEPS} steps"
+    assert st["pattern"] == pat[:-1] + "-" and c.n == pat[:-1].count("C")
+    assert float((out - ref).norm() / ref.norm()) < 0.3 and other.shape == out.shape
+    assert run.stats["runs"][1]["sites"]["shape"]["schedule"].startswith("adaptive, tolerance 0.5 (no pattern for 7")
+
+
 def test_cfg_batch_items_are_fitted_independently(pipe):
     with hicache3d.accelerate(pipe, backend="dmd", interval=3) as run:
         latents(pipe)

@@ -254,6 +254,9 @@ def test_options_alone_ask_for_their_schedule_and_two_of_them_are_refused(tmp_pa
     assert implied_schedule({"interval": 3})["schedule"] == "fixed"
     assert implied_schedule({"pattern": "C.C"})["schedule"] == "pattern"
     assert implied_schedule({"interval": 3, "schedule": "adaptive"})["schedule"] == "adaptive"
+    assert implied_schedule({"pattern": "C.C", "tolerance": 0.5})["schedule"] == "pattern"   # its fallback
+    with pytest.raises(ValueError, match="pattern= and interval="):
+        implied_schedule({"pattern": "C.C", "interval": 3})
     with pytest.raises(ValueError, match="interval= and tolerance= belong to different schedules"):
         implied_schedule({"interval": 3, "tolerance": 1.0})
     gen = BundledGenerator.from_pretrained()

@@ -127,6 +127,20 @@ def test_adaptive_schedule_makes_fewer_calls(site, ss, slat, refs):
     assert c.n == uncached
 
 
+@pytest.mark.parametrize("site", ["sparse_structure", "slat"])
+def test_searched_pattern_schedule(site, ss, slat, refs):
+    """One pattern of the run's length: exactly its steps computed (the run's length is not
+    passed to the cache here, so a single pattern is followed as it is)."""
+    gen = ss if site == "sparse_structure" else slat
+    pat = "CCC" + ".C" * ((STEPS - 3) // 2)                  # 25 steps: 14 computed
+    with hicache3d.accelerate(gen, "sam3d", pattern=pat) as run:
+        with S.count_calls(net(gen)) as c:
+            out = GENERATE[site](gen)
+    st = run.stats["runs"][-1]["sites"][site]
+    assert st["pattern"] == pat and st["schedule"] == f"pattern of {STEPS} steps"
+    assert 0 < c.n < S.expected_calls(STEPS, 3, (0, 500), 7) and drift(out, refs[site]) < 0.5
+
+
 def test_slat_token_count_changes_per_object(slat):
     with hicache3d.accelerate(slat, "sam3d") as run:
         a = S.generate_slat(slat, S.make_coords(1, 200))
