@@ -234,16 +234,16 @@ class VelocityCache:
             return
         self._warned = True
         c = self.config
+        fix = "lower the interval / tolerance"
         if c.schedule == "fixed":
             how = f"interval {c.interval}, first_enhance {c.first_enhance}"
         elif getattr(self.policy, "active", None) is not None:
-            how = self.policy.describe()
+            how, fix = self.policy.describe(), "mark more steps C in the pattern"
         else:
             how = (f"adaptive schedule, tolerance {c.tolerance:g}, max_skip {c.max_skip}, "
                    f"first_enhance {c.first_enhance}")
         warnings.warn(f"hicache3d: only {computed} of {steps} steps run the network ({how}); the "
-                      f"result may be far from the uncached one: lower the interval / tolerance",
-                      UserWarning, stacklevel=3)
+                      f"result may be far from the uncached one: {fix}", UserWarning, stacklevel=3)
 
     def _check_pattern_length(self, steps: Optional[int]) -> None:
         """A run of unknown length that followed a pattern of another length (``steps``;

@@ -116,6 +116,8 @@ _SCHEDULE_HELP = ("fixed: one computed step in --interval; adaptive: each comput
 _PATTERN_HELP = ("Computed/forecast pattern, one character per step (C computed, . forecast), e.g. "
                  "C.C.C...C.....C....C..C.C for 25 steps; repeat for other step counts. Implies "
                  "--schedule pattern. A run of a length no pattern has uses the adaptive schedule.")
+_TOLERANCE_HELP = ("Adaptive schedule: the error budget of one forecast window (a relative "
+                   "velocity error, dt-weighted; 0 computes every step, larger skips more).")
 
 
 def _implied(settings: dict, where: str) -> dict:
@@ -143,8 +145,6 @@ def _schedule_settings(interval, schedule, tolerance, pattern) -> dict:
         for key in ("interval", "tolerance", "pattern", "schedule"):
             msg = msg.replace(f"{key}= ", f"--{key} ").replace(f"{key}=", f"--{key}")
         raise click.UsageError(msg)
-_TOLERANCE_HELP = ("Adaptive schedule: the error budget of one forecast window (a relative "
-                   "velocity error, dt-weighted; 0 computes every step, larger skips more).")
 
 
 @main.command("patch")

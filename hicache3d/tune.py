@@ -15,7 +15,9 @@ the site's fastest grid row meeting the target (else the first basis).  The sear
 about ``steps + 2 x (removals)`` runs per site (about 80 at 25 steps); every run is kept,
 so it resumes like the grid.  A chosen pattern holds for the tuned step count; runs of
 another length fall back to the adaptive schedule (with the tolerance of the site's
-fastest adaptive row of the same basis meeting the target, where there is one).  Each run is compared with the uncached run of the same seed and images:
+fastest adaptive row of the same basis meeting the target, where there is one).
+
+Each run is compared with the uncached run of the same seed and images:
 
 - the final latent of every site, relative L2 (every model);
 - where the pipeline makes a mesh: Chamfer, F-score@tau and voxel IoU of the mesh;
