@@ -248,8 +248,9 @@ def write_reports(res: Dict[str, Any], out: Path, stem: str = "fidelity") -> Lis
           "IoU, relative L2 of the final latent; means and per-sample minima (max for distances). "
           "`fewer fwd` = uncached network forwards / cached (exact); `faster` = wall-clock ratio "
           "against an uncached run re-timed just before each backend's block (indicative only on "
-          "a shared machine).  `setting`: a fixed `interval`, or the adaptive schedule at a "
-          "`tol`erance.", ""]
+          "a shared machine).  `setting`: a fixed `interval`, the adaptive schedule at a "
+          "`tol`erance, or a searched pattern (`schedule=\"pattern\"`, its pattern in the last "
+          "column).", ""]
     if res.get("fixed_rows_check"):
         md += ["The fixed-interval rows come from the full sweep; this run re-ran one of them per "
                "step count and found it identical: " + ", ".join(
