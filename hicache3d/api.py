@@ -5,7 +5,7 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 from .cache import CacheStats
 from .patching import Controller, Instrumentor, RunRecord, bind, controller_of, rebind, use_controller
@@ -91,12 +91,14 @@ def _settings(recipe: Recipe, settings: Mapping[str, Any],
     return recipe.with_settings(implied_schedule(settings), per_site)
 
 
-def implied_schedule(settings: Mapping[str, Any]) -> Dict[str, Any]:
+def implied_schedule(settings: Mapping[str, Any],
+                     spell: Callable[[str], str] = lambda key: f"{key}=") -> Dict[str, Any]:
     """``settings`` with the schedule its keys ask for where none is named (as on the
     command line): a ``pattern`` asks for the pattern schedule (a ``tolerance`` beside it
     is that of the adaptive schedule for runs of other lengths), an ``interval`` for the
     fixed cadence, a ``tolerance`` for the adaptive schedule.  An ``interval`` with either
-    of the others and no ``schedule`` is ambiguous: ``ValueError``."""
+    of the others and no ``schedule`` is ambiguous: ``ValueError``, naming the keys as
+    ``spell`` writes them (``--interval`` on the command line)."""
     settings = dict(settings)
     if settings.get("schedule") is not None:
         return settings
@@ -105,9 +107,9 @@ def implied_schedule(settings: Mapping[str, Any]) -> Dict[str, Any]:
     if [k for k, _ in asked] == ["pattern", "tolerance"]:
         asked = asked[:1]
     if len(asked) > 1:
-        keys = " and ".join(f"{k}=" for k, _ in asked)
+        keys = " and ".join(spell(k) for k, _ in asked)
         raise ValueError(f"{keys} belong to different schedules ({', '.join(s for _, s in asked)}): "
-                         f"name one with schedule=")
+                         f"name one with {spell('schedule')}")
     if asked:
         settings["schedule"] = asked[0][1]
     return settings

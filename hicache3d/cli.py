@@ -107,6 +107,7 @@ def _parse_site_overrides(values):
 
 
 _BACKENDS = _BasisChoice()
+# hicache3d.config.SCHEDULES, spelled out: importing the config here would import torch at start-up
 _SCHEDULES = click.Choice(["fixed", "adaptive", "pattern"])
 _TOLERANCE = click.FloatRange(0, None)
 _SCHEDULE_HELP = ("fixed: one computed step in --interval; adaptive: each computed step measures "
@@ -139,12 +140,9 @@ def _schedule_settings(interval, schedule, tolerance, pattern) -> dict:
     if pattern:
         out["pattern"] = tuple(pattern)
     try:
-        return implied_schedule(out)
+        return implied_schedule(out, spell=lambda key: f"--{key}")
     except ValueError as e:
-        msg = str(e)
-        for key in ("interval", "tolerance", "pattern", "schedule"):
-            msg = msg.replace(f"{key}= ", f"--{key} ").replace(f"{key}=", f"--{key}")
-        raise click.UsageError(msg)
+        raise click.UsageError(str(e))
 
 
 @main.command("patch")
@@ -800,8 +798,9 @@ def tune_cmd(model, images, weights, steps, seed, backends, schedules, pattern_b
     if bad or not bk:
         raise click.BadParameter(f"unknown backend(s) {', '.join(bad) or '(none)'}", param_hint="--backends")
     sch = [s.strip() for s in schedules.split(",") if s.strip()]
-    if not sch or set(sch) - {"fixed", "adaptive", "pattern"}:
-        raise click.BadParameter(f"{schedules!r}: use fixed, adaptive, pattern or several",
+    from .config import SCHEDULES
+    if not sch or set(sch) - set(SCHEDULES):
+        raise click.BadParameter(f"{schedules!r}: use {', '.join(SCHEDULES)} or several",
                                  param_hint="--schedules")
     ivs, tols = _int_list(intervals), _float_list(tolerances, "--tolerances")
     if "fixed" in sch and (not ivs or min(ivs) < 1):

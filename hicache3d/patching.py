@@ -20,7 +20,9 @@ The public surface for adapters (``hicache3d/patches/``) and tests is ``__all__`
 * objects -- :func:`bind` (route one object's runs to a controller), :func:`controller_of`,
   :func:`rebind` (move all of one controller's objects to another);
 * runs -- :func:`run_wrapper` / :func:`generator_run_wrapper` (an entry point becomes one
-  run), :func:`open_run` and :func:`active` (the same by hand), :func:`current_run`;
+  run; ``steps_of``, e.g. :func:`steps_getter`, tells its caches the run's step count),
+  :func:`open_run` and :func:`active` (the same by hand), :func:`current_run`;
+  :func:`bound_arguments` (a call's arguments by name, defaults applied);
   :meth:`Run.cache` (a site's cache), :attr:`Run.site` / :meth:`Run.use_site` (the site a
   run belongs to), :meth:`Run.state` (typed per-run adapter state, an :class:`AdapterState`);
 * steps -- :func:`step_wrapper`; :func:`uncached` for reference runs.
@@ -47,9 +49,9 @@ from .cache import CacheStats, VelocityCache
 from .recipe import Recipe
 
 __all__ = ["AdapterState", "AttributePatch", "ClassSwapPatch", "Controller", "Instrumentor", "Run",
-           "RunRecord", "active", "bind", "controller_of", "current_run", "generator_run_wrapper",
-           "is_wrapped", "open_run", "rebind", "run_wrapper", "step_wrapper", "swap_class", "uncached",
-           "use_controller", "wrap_method"]
+           "RunRecord", "active", "bind", "bound_arguments", "controller_of", "current_run",
+           "generator_run_wrapper", "is_wrapped", "open_run", "rebind", "run_wrapper", "step_wrapper",
+           "steps_getter", "swap_class", "uncached", "use_controller", "wrap_method"]
 
 S = TypeVar("S", bound="AdapterState")
 
@@ -435,18 +437,29 @@ def run_wrapper(default: Optional[Controller], sites: Optional[List[str]] = None
         ctl = _controller_for(instance, default)
         if ctl is None:
             return wrapped(*args, **kwargs)
-        opened = on_open
         n = steps_of(wrapped, args, kwargs) if steps_of is not None else None
-        if n is not None:
-            def opened(run: Run) -> None:
-                if on_open is not None:
-                    on_open(run)
+
+        def opened(run: Run) -> None:
+            if on_open is not None:
+                on_open(run)
+            if n is not None:
                 for cache in run.caches.values():
                     cache.reset(n)
         with open_run(ctl, instance, sites, on_open=opened):
             return wrapped(*args, **kwargs)
 
     return wrapper
+
+
+def bound_arguments(wrapped: Any, args: tuple, kwargs: dict) -> Optional[inspect.BoundArguments]:
+    """The arguments of one call of ``wrapped``, defaults applied (``None``: they do not
+    fit its signature, or it has none)."""
+    try:
+        b = inspect.signature(wrapped).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    b.apply_defaults()
+    return b
 
 
 def steps_getter(spec: Any) -> Optional[Callable[[Any, tuple, dict], Optional[int]]]:
@@ -462,12 +475,8 @@ def steps_getter(spec: Any) -> Optional[Callable[[Any, tuple, dict], Optional[in
         elif spec in kwargs:
             v = kwargs[spec]
         else:
-            try:
-                b = inspect.signature(wrapped).bind(*args, **kwargs)
-            except (TypeError, ValueError):
-                return None
-            b.apply_defaults()
-            v = b.arguments.get(spec)
+            b = bound_arguments(wrapped, args, kwargs)
+            v = b.arguments.get(spec) if b is not None else None
         return int(v) if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
 
     return get

@@ -49,6 +49,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ._io import atomic_write
+from .config import SCHEDULES
 from .tune_pipelines import Output, Pipeline, TuneError, relative_l2
 
 __all__ = ["tune", "plan_runs", "choose", "meets", "Target", "DEFAULT_BACKENDS", "DEFAULT_SCHEDULES",
@@ -56,7 +57,6 @@ __all__ = ["tune", "plan_runs", "choose", "meets", "Target", "DEFAULT_BACKENDS",
 
 DEFAULT_BACKENDS = ("hermite", "dmd", "auto")
 DEFAULT_SCHEDULES = ("fixed", "adaptive")
-SCHEDULES = ("fixed", "adaptive", "pattern")
 DEFAULT_INTERVALS = (2, 3, 4, 5, 6)
 DEFAULT_TOLERANCES = (0.25, 0.5, 1.0, 2.0, 4.0)
 TARGET_IOU = 0.98

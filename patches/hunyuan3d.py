@@ -17,14 +17,13 @@ count (``schedule="pattern"``).
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
 
-from hicache3d.patching import (AdapterState, Controller, Run, bind, current_run, is_wrapped, run_wrapper,
-                                steps_getter, swap_class, wrap_method)
+from hicache3d.patching import (AdapterState, Controller, Run, bind, bound_arguments, current_run, is_wrapped,
+                                run_wrapper, steps_getter, swap_class, wrap_method)
 
 from .base import Adapter
 
@@ -65,11 +64,9 @@ def _model_step_wrapper(model: Any):
 def _run_steps(wrapped: Any, args: tuple, kwargs: dict) -> Optional[int]:
     """The number of Euler steps of one call: an explicit schedule's length (``sigmas`` /
     ``timesteps``), else ``num_inference_steps`` (``None``: not known)."""
-    try:
-        b = inspect.signature(wrapped).bind(*args, **kwargs)
-    except (TypeError, ValueError):
+    b = bound_arguments(wrapped, args, kwargs)
+    if b is None:
         return None
-    b.apply_defaults()
     for key in ("sigmas", "timesteps"):
         v = b.arguments.get(key)
         if v is not None:

@@ -36,14 +36,13 @@ supports; patching the other one is refused with a clear message.
 """
 from __future__ import annotations
 
-import contextvars
 import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from hicache3d.patching import (AdapterState, Controller, Run, bind, current_run, is_wrapped, run_wrapper,
-                                swap_class, wrap_method)
+from hicache3d.patching import (AdapterState, Controller, Run, bind, bound_arguments, current_run, is_wrapped,
+                                run_wrapper, steps_getter, swap_class, wrap_method)
 from hicache3d.recipe import RecipeError
 
 from .base import Adapter, resolve
@@ -63,9 +62,6 @@ class _State(AdapterState):
 
 # sampler object -> site, for samplers reached through a pipeline attribute (rule 1)
 _pinned_sites: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
-# the ``steps`` of the ``sample`` call being opened (read by ``on_open``)
-_opening_steps: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("hicache3d_trellis_steps",
-                                                                               default=None)
 
 
 def family_of(sampler_cls: Any) -> str:
@@ -90,15 +86,6 @@ def site_by_call(family: str, x_t: Any, kwargs: Dict[str, Any]) -> str:
     if family == "trellis":
         return "slat"
     return "tex_slat" if kwargs.get("concat_cond") is not None else "shape_slat"
-
-
-def _bind(wrapped: Any, args: tuple, kwargs: dict) -> Optional[inspect.BoundArguments]:
-    try:
-        b = inspect.signature(wrapped).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return None
-    b.apply_defaults()
-    return b
 
 
 class _Pin:
@@ -140,26 +127,11 @@ def _on_open(run: Run) -> None:
         pinned = None
     if pinned is not None:
         run.state(_State).pinned = pinned
-    steps = _opening_steps.get()
-    if steps is not None:
-        for cache in run.caches.values():
-            cache.reset(steps)
 
 
 def sample_wrapper(default: Optional[Controller]):
     """``sample``: one call is one run; the run length is taken from its ``steps``."""
-    inner = run_wrapper(default, on_open=_on_open)
-
-    def wrapper(wrapped, instance, args, kwargs):
-        b = _bind(wrapped, args, kwargs)
-        steps = b.arguments.get("steps") if b is not None else None
-        token = _opening_steps.set(int(steps) if isinstance(steps, int) else None)
-        try:
-            return inner(wrapped, instance, args, kwargs)
-        finally:
-            _opening_steps.reset(token)
-
-    return wrapper
+    return run_wrapper(default, on_open=_on_open, steps_of=steps_getter("steps"))
 
 
 def prediction_wrapper(family: str):
@@ -171,7 +143,7 @@ def prediction_wrapper(family: str):
         if run is None:
             return wrapped(*args, **kwargs)
         if run.site is None:            # the first step decides the run's site
-            b = _bind(wrapped, args, kwargs)
+            b = bound_arguments(wrapped, args, kwargs)
             x_t = b.arguments.get("x_t") if b is not None else (args[1] if len(args) > 1 else None)
             extra = dict(b.arguments.get("kwargs", {})) if b is not None else dict(kwargs)
             run.use_site(run.state(_State).pinned or site_by_call(family, x_t, extra))  # only it is recorded

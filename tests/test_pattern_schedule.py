@@ -274,3 +274,11 @@ def test_options_alone_ask_for_their_schedule_and_two_of_them_are_refused(tmp_pa
                                   "--interval", "3", "--tolerance", "1"])
     assert r.exit_code == 2 and "--interval  and --tolerance" not in r.output
     assert "--interval and --tolerance belong to different schedules" in r.output
+
+
+def test_command_line_schedule_choices_are_the_config_s():
+    """The command line spells the schedule names out (importing the config would import
+    torch at start-up): they must stay those CacheConfig accepts."""
+    from hicache3d.cli import _SCHEDULES
+    from hicache3d.config import SCHEDULES
+    assert list(_SCHEDULES.choices) == list(SCHEDULES)
