@@ -425,6 +425,20 @@ def open_run(controller: Controller, instance: Any, sites: Optional[List[str]] =
         controller._close_run(run, failed)
 
 
+def _opener(on_open: Optional[Callable[[Run], None]], steps: Optional[int]) -> Callable[[Run], None]:
+    """What a run does as it opens: ``on_open(run)``, then its caches learn the run's
+    number of ``steps`` (when known)."""
+
+    def opened(run: Run) -> None:
+        if on_open is not None:
+            on_open(run)
+        if steps is not None:
+            for cache in run.caches.values():
+                cache.reset(steps)
+
+    return opened
+
+
 def run_wrapper(default: Optional[Controller], sites: Optional[List[str]] = None,
                 on_open: Optional[Callable[[Run], None]] = None,
                 steps_of: Optional[Callable[[Any, tuple, dict], Optional[int]]] = None) -> Callable:
@@ -437,14 +451,7 @@ def run_wrapper(default: Optional[Controller], sites: Optional[List[str]] = None
         ctl = _controller_for(instance, default)
         if ctl is None:
             return wrapped(*args, **kwargs)
-        n = steps_of(wrapped, args, kwargs) if steps_of is not None else None
-
-        def opened(run: Run) -> None:
-            if on_open is not None:
-                on_open(run)
-            if n is not None:
-                for cache in run.caches.values():
-                    cache.reset(n)
+        opened = _opener(on_open, steps_of(wrapped, args, kwargs) if steps_of is not None else None)
         with open_run(ctl, instance, sites, on_open=opened):
             return wrapped(*args, **kwargs)
 
@@ -485,18 +492,21 @@ def steps_getter(spec: Any) -> Optional[Callable[[Any, tuple, dict], Optional[in
 def generator_run_wrapper(default: Optional[Controller],
                           on_open: Optional[Callable[[Run, tuple, dict], None]] = None,
                           on_close: Optional[Callable[[Run], None]] = None,
-                          sites: Optional[List[str]] = None) -> Callable:
+                          sites: Optional[List[str]] = None,
+                          steps_of: Optional[Callable[[Any, tuple, dict], Optional[int]]] = None) -> Callable:
     """Like :func:`run_wrapper`, for an entry point that is a *generator function*
     (``solve_iter``): the run opens at the first ``next()``, is active only while the
     wrapped generator runs (never while the consumer holds control between items), and
     closes when it is exhausted, closed early, or raises.  ``on_open(run, args, kwargs)``
-    may raise to refuse the run (nothing stays behind)."""
+    may raise to refuse the run (nothing stays behind); ``steps_of`` as for
+    :func:`run_wrapper`."""
 
     def wrapper(wrapped, instance, args, kwargs):
         ctl = _controller_for(instance, default)
         if ctl is None:
             return wrapped(*args, **kwargs)
-        opened = None if on_open is None else (lambda run: on_open(run, args, kwargs))
+        opened = _opener(None if on_open is None else (lambda run: on_open(run, args, kwargs)),
+                         steps_of(wrapped, args, kwargs) if steps_of is not None else None)
 
         def gen():
             it = None

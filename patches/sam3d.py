@@ -53,8 +53,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from hicache3d.cfg import AdaptiveCFG
-from hicache3d.patching import (AdapterState, Controller, Run, bind, current_run, generator_run_wrapper,
-                                is_wrapped, swap_class, wrap_method)
+from hicache3d.patching import (AdapterState, Controller, Run, bind, bound_arguments, current_run,
+                                generator_run_wrapper, is_wrapped, swap_class, wrap_method)
 from hicache3d.recipe import RecipeError
 
 from .base import Adapter
@@ -124,6 +124,18 @@ def _args_of_solve_iter(args: tuple, kwargs: dict):
     return fn, x_init
 
 
+def _steps_of_solve_iter(wrapped: Any, args: tuple, kwargs: dict) -> Optional[int]:
+    """A run's step count: one Euler step between each two neighbours of its ``times``
+    (``solve_iter(dynamics_fn, x_init, times, ...)``; ``None`` if it has no length)."""
+    b = bound_arguments(wrapped, args, kwargs)
+    times = b.arguments.get("times") if b is not None else None
+    try:
+        n = len(times) - 1
+    except TypeError:
+        return None
+    return n if n >= 1 else None
+
+
 # ------------------------------------------------------------------ per-step helpers
 
 
@@ -191,7 +203,8 @@ class SAM3DAdapter(Adapter):
 
     # ---------------------------------------------------------------- wrappers
     def run_wrapper(self, default: Optional[Controller]) -> Callable:
-        return generator_run_wrapper(default, on_open=self._open, on_close=self._close)
+        return generator_run_wrapper(default, on_open=self._open, on_close=self._close,
+                                     steps_of=_steps_of_solve_iter)
 
     def step_wrapper(self) -> Callable:
         def wrapper(wrapped, instance, args, kwargs):

@@ -10,6 +10,7 @@ written here (not the fork's code), on top of the real SAM 3D code."""
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -129,16 +130,26 @@ def test_adaptive_schedule_makes_fewer_calls(site, ss, slat, refs):
 
 @pytest.mark.parametrize("site", ["sparse_structure", "slat"])
 def test_searched_pattern_schedule(site, ss, slat, refs):
-    """One pattern of the run's length: exactly its steps computed (the run's length is not
-    passed to the cache here, so a single pattern is followed as it is)."""
+    """One pattern per run length: the solver's time grid tells the cache the run's length,
+    so each run follows the pattern of its own length, and a length without one takes the
+    adaptive fallback (not a pattern of another length, cut or overrun)."""
     gen = ss if site == "sparse_structure" else slat
     pat = "CCC" + ".C" * ((STEPS - 3) // 2)                  # 25 steps: 14 computed
-    with hicache3d.accelerate(gen, "sam3d", pattern=pat) as run:
+    short = "CC..C..C.C"                                     # 10 steps: 5 computed
+    with hicache3d.accelerate(gen, "sam3d", pattern=[pat, short]) as run:
         with S.count_calls(net(gen)) as c:
             out = GENERATE[site](gen)
-    st = run.stats["runs"][-1]["sites"][site]
+        GENERATE[site](gen, steps=10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                  # no "past the pattern" warning
+            GENERATE[site](gen, steps=7)
+    st = run.stats["runs"][0]["sites"][site]
     assert st["pattern"] == pat and st["schedule"] == f"pattern of {STEPS} steps"
     assert 0 < c.n < S.expected_calls(STEPS, 3, (0, 500), 7) and drift(out, refs[site]) < 0.5
+    st10 = run.stats["runs"][1]["sites"][site]
+    assert st10["pattern"] == short and st10["schedule"] == "pattern of 10 steps"
+    st7 = run.stats["runs"][2]["sites"][site]
+    assert st7["steps"] == 7 and st7["schedule"].startswith("adaptive")
 
 
 def test_slat_token_count_changes_per_object(slat):
