@@ -152,6 +152,16 @@ def test_searched_pattern_schedule(site, ss, slat, refs):
     assert st7["steps"] == 7 and st7["schedule"].startswith("adaptive")
 
 
+def test_last_enhance_applies(ss):
+    """The run's length comes from the solver's time grid, so the last steps of a fixed
+    cadence can be computed (before, the length was unknown and last_enhance did nothing)."""
+    with hicache3d.accelerate(ss, "sam3d", interval=4, last_enhance=2) as run:
+        S.generate_ss(ss, steps=13)
+    st = run.stats["runs"][-1]["sites"]["sparse_structure"]
+    assert st["steps"] == 13 and st["pattern"].endswith("CC") and st["pattern"][-3] == "."
+    assert st["reasons"].get("last steps") == 2, st["reasons"]
+
+
 def test_slat_token_count_changes_per_object(slat):
     with hicache3d.accelerate(slat, "sam3d") as run:
         a = S.generate_slat(slat, S.make_coords(1, 200))
