@@ -280,6 +280,61 @@ def test_auto_ranks_dmd_by_the_backcast_its_fit_already_made(monkeypatch):
     assert abs(direct - fit.backcast) <= 1e-9
 
 
+def test_every_scored_rank_trial_carries_its_held_out_forecast():
+    """Each (window, rank) the selection scored keeps its forecast of the newest snapshot;
+    the selected one is the least wrong of them (the minimum over the trials)."""
+    vs = _noisy_trajectory()
+    V = torch.cat(vs).numpy()
+    t = np.arange(len(vs), dtype=np.float64)
+    fit = fit_exponential(t, V @ V.T)
+    assert fit.choice in fit.trials and len(fit.trials) >= 3
+    np.testing.assert_array_equal(fit.trials[fit.choice], fit.holdout_weights)
+    errs = {c: np.linalg.norm(w @ V[:-1] - V[-1]) / np.linalg.norm(V[-1]) for c, w in fit.trials.items()}
+    assert min(errs.values()) == pytest.approx(fit.backcast, rel=1e-9)
+    assert max(errs.values()) > 1.5 * fit.backcast
+
+
+def test_auto_scores_dmd_by_the_choice_of_the_window_before():
+    """The selected trial's backcast is the least of all the trials on the newest snapshot,
+    so it flatters dmd against bases that choose nothing.  auto scores dmd instead by the
+    (window, rank) that dmd chose on the window before, which never saw that snapshot:
+    recomputed here with an independent fit of that rank on the snapshots before it."""
+    vs = _noisy_trajectory()
+    fc = make_forecaster("auto", history=6, candidates=("reuse", "hermite", "dmd"))
+    dmd = next(c for c in fc.candidates if c.name == "dmd")
+    for t in range(4):
+        fc.push(float(t), vs[t])
+    fc.predict(3.5)
+    before = fc._fit(dmd, 0).state.choice
+    fc.push(4.0, vs[4])
+    fc.predict(4.5)
+    now = fc._fit(dmd, 0).state
+    assert before[0] == "whole" and now.choice != before     # the new window chooses otherwise
+    V = torch.cat(vs[:5]).numpy()
+    t = np.arange(5, dtype=np.float64)
+    trial = fit_exponential(t[:4], V[:4] @ V[:4].T, rank=before[1])   # equally spaced: exact DMD
+    direct = np.linalg.norm(trial.weights(4.0) @ V[:4] - V[4]) / np.linalg.norm(V[4])
+    score = next(errs for errs, _, spec in fc._scores(0) if spec == dmd)[0][0]
+    assert score == pytest.approx(direct, rel=1e-9)
+    assert score > 1.2 * now.backcast                      # the selected trial's, which it was
+
+
+def test_dmd_error_grows_linearly_with_a_short_horizon():
+    """dmd's error model (auto carries backcasts with it, the adaptive schedule plans with
+    it): a fit with too few modes starts from the newest snapshot with the modes' slope,
+    so its error grows in proportion to a horizon within the spacing, measured here."""
+    from hicache3d.forecast import BasisSpec, registry
+    p = registry.get("dmd").error_order(BasisSpec("dmd"))
+    for poles in (None, [0.9 * np.exp(0.3j), 0.85], [0.95, 0.7, 0.5]):
+        f = exp_traj(poles=poles)
+        fc = make_forecaster("dmd", history=6, rank=1)
+        for t in range(6):
+            fc.push(t, f(t))
+        e = {tau: rel(fc.predict(5 + tau), f(5 + tau)) for tau in (0.25, 1.0)}
+        assert e[1.0] > 1e-3
+        assert math.log(e[1.0] / e[0.25]) / math.log(4.0) == pytest.approx(p, abs=0.2), (poles, e)
+
+
 def test_auto_carries_each_backcast_to_the_horizon_it_forecasts():
     """After a warm-up of three steps the backcast is made at their spacing (1) but the
     first cache window forecasts up to 7 steps ahead.  On a velocity that saturates,

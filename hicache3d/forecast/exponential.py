@@ -66,6 +66,9 @@ class ExpFit:
     fitted_rates: Optional[np.ndarray] = None   # the rates as fitted, before any clamping
     holdout_weights: Optional[np.ndarray] = None  # [n-1] the selected held-out fit's forecast of
                                                   # the newest snapshot, as weights over the others
+    choice: Optional[Tuple[str, int]] = None      # the selected (window, rank): ("whole" | "tail", K)
+    trials: Optional[dict] = None                 # every scored (window, rank): its held-out
+                                                  # forecast of the newest snapshot, as weights
 
     def weights(self, tq: float) -> np.ndarray:
         tau = float(tq) - self.t_new
@@ -490,7 +493,11 @@ def _pad(fit: ExpFit, before: int) -> ExpFit:
 def backcast_error(fit: ExpFit, t: np.ndarray, G: np.ndarray, h: int, start: int = 0) -> float:
     """Relative error of ``fit`` (made on snapshots ``start .. h-1``) forecasting snapshot
     ``h``, from the Gram matrix (no pass over the data)."""
-    w = fit.weights(t[h])
+    return _held_out_error(fit.weights(t[h]), G, h, start)
+
+
+def _held_out_error(w: np.ndarray, G: np.ndarray, h: int, start: int = 0) -> float:
+    """``|sum_j w_j V_{start+j} - V_h| / |V_h|`` from the Gram matrix."""
     Gh = G[start:h, start:h]
     e2 = float(w @ Gh @ w - 2.0 * w @ G[start:h, h] + G[h, h])
     return float(np.sqrt(max(e2, 0.0) / max(G[h, h], 1e-300)))
@@ -566,22 +573,30 @@ def fit_exponential_batch(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_t
         out[i] = f
     fits = _fit_windows([(t[a:n - 1], G[i, a:n - 1, a:n - 1], K) for i, a, K in trials], iters=_TRIAL_ITERS, **opts)
     best: dict = {}
+    scored: dict = {}
     for (i, a, K), f in zip(trials, fits):
         if isinstance(f, FitError):
             continue
         with np.errstate(all="ignore"):
-            err = backcast_error(f, t[a:], G[i, a:, a:], n - a - 1)
-        if np.isfinite(err) and (i not in best or err < best[i][0]):
+            w = f.weights(t[n - 1])
+            err = _held_out_error(w, G[i], n - 1, a)
+        if not np.isfinite(err):
+            continue
+        key = ("whole" if a == 0 else "tail", K)
+        scored.setdefault(i, {})[key] = np.concatenate([np.zeros(a), w])
+        if i not in best or err < best[i][0]:
             best[i] = (err, a, K, f)
     chosen = sorted(best.items())
     # the refit on every snapshot of the chosen window starts from the held-out fit
     finals = _fit_windows([(t[a:], G[i, a:, a:], K, trial.fitted_rates) for i, (_, a, K, trial) in chosen],
                           **opts)
-    for (i, (err, a, _, trial)), f in zip(chosen, finals):
+    for (i, (err, a, K, trial)), f in zip(chosen, finals):
         if not isinstance(f, FitError):
             f = _pad(f, a)
             f.backcast = err
-            f.holdout_weights = np.concatenate([np.zeros(a), trial.weights(t[n - 1])])
+            f.choice = ("whole" if a == 0 else "tail", K)
+            f.trials = scored[i]
+            f.holdout_weights = f.trials[f.choice]
         out[i] = f
     return [f if f is not None else FitError("undetermined") for f in out]
 

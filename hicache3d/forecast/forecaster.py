@@ -147,6 +147,7 @@ class Forecaster:
         self._choice: Dict[int, List[Any]] = {}
         self._gram_cache: Tuple[int, Any] = (-1, None)
         self._times_cache: Tuple[int, Any] = (-1, None)
+        self._prev_choice: Dict[Tuple[BasisSpec, int], Any] = {}
         # a basis that fits nothing reads the snapshot products only to check a forecast
         # that could be too large (weights of L1 norm > _MAX_NORM_RATIO): they are made
         # when first needed, not on every new snapshot
@@ -159,6 +160,7 @@ class Forecaster:
 
     def reset(self) -> None:
         self.store.restart()
+        self._prev_choice.clear()
         self._fits.clear()
         self._choice.clear()
         self._gram_cache = (-1, None)
@@ -166,6 +168,8 @@ class Forecaster:
         self.last_labels = []
 
     def push(self, t: float, velocity: Any) -> PushResult:
+        if self.backend == "auto":
+            self._remember_choices()
         res = self.store.push(float(t), velocity)
         if res.restarted:
             self.stats.restarts[res.restarted] += 1
@@ -355,14 +359,36 @@ class Forecaster:
         a /= np.maximum(a.sum(axis=1, keepdims=True), 1e-300)
         return np.einsum("ic,cin->in", a, Wc), [self.candidates[c] for c in best], served
 
+    def _remember_choices(self) -> None:
+        """Auto, before a new snapshot: the (window, rank) each item's exponential fit
+        chose on the current window, which the next window's backcast scores (see
+        :meth:`_holdout_weights`)."""
+        n = len(self.store)
+        for (m, spec), fits in self._fits.items():
+            if m != n:
+                continue
+            for item, fit in enumerate(fits):
+                choice = getattr(getattr(fit, "state", None), "choice", None)
+                if choice is not None:
+                    self._prev_choice[(spec, item)] = choice
+
     def _holdout_weights(self, spec: BasisSpec, item: int, h: int) -> np.ndarray:
         """Weights over snapshots ``0 .. h-1`` forecasting snapshot ``h`` from them.  A fit
-        that chose itself by such a backcast of the newest snapshot (dmd's rank and window)
-        carries it: that one is used, not a second fit on one snapshot fewer."""
+        that chose itself by such backcasts of the newest snapshot (dmd's rank and window)
+        carries them, so no second fit on one snapshot fewer is made.  Of those, the one
+        of the (window, rank) that the previous window chose is used: the selected one's
+        error is the least of all the trials on this very snapshot, biased low against
+        bases that choose nothing (on the bundled generator's trajectories it had auto
+        blend in DMD where DMD then forecast worse).  Without a previous choice among the
+        trials, the selected one."""
         n = len(self.store)
         if h == n - 1:
-            fit = self._fit(spec, item)
-            held = getattr(getattr(fit, "state", None), "holdout_weights", None)
+            state = getattr(self._fit(spec, item), "state", None)
+            held = getattr(state, "holdout_weights", None)
+            trials = getattr(state, "trials", None) or {}
+            prev = self._prev_choice.get((spec.undamped(), item))
+            if prev in trials:
+                held = trials[prev]
             if held is not None:
                 with np.errstate(all="ignore"):
                     return self._checked(spec, item, held)

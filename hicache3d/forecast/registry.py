@@ -205,9 +205,14 @@ register(Basis("taylor", _taylor, ("order", "taylor_form"), _order_history, fall
 register(Basis("hermite", lambda spec, t, tq, state: hermite_weights(t, tq, spec.order, spec.sigma),
                ("order", "sigma"), _order_history, fallback=True, error_order=_order_error,
                summary="HiCache's contracted Hermite polynomials"))
+# dmd's error grows linearly with a short horizon: the forecast starts from the newest
+# snapshot with the fitted modes' slope, not a measured one, so a misfit enters at first
+# order (tests/test_bases.py measures it).  On the bundled generator's recorded
+# trajectories, auto's open-loop error is within 2% of the best single basis in 20 of 21
+# cells with 1 here against 18 with 2 (both scoring dmd by the previous window's choice).
 register(Basis("dmd", lambda spec, t, tq, state: state.weights(tq), ("rank", "rank_tol", "clamp"),
                lambda spec: (3, "an exponential fit needs at least 3 snapshots"),
-               fit=_dmd_fit, fit_batch=_dmd_fit_batch,
+               fit=_dmd_fit, fit_batch=_dmd_fit_batch, error_order=lambda spec: 1.0,
                summary="exponential modes fitted to the history (DMD)"))
 
 DEFAULT_CANDIDATES: Tuple[str, ...] = basis_names()    # the built-in bases
