@@ -64,11 +64,16 @@ class ExpFit:
     backcast: Optional[float] = None   # error of the selected (window, rank) on the newest
                                        # snapshot when fitted without it (None: not scored)
     fitted_rates: Optional[np.ndarray] = None   # the rates as fitted, before any clamping
-    holdout_weights: Optional[np.ndarray] = None  # [n-1] the selected held-out fit's forecast of
-                                                  # the newest snapshot, as weights over the others
     choice: Optional[Tuple[str, int]] = None      # the selected (window, rank): ("whole" | "tail", K)
     trials: Optional[dict] = None                 # every scored (window, rank): its held-out
                                                   # forecast of the newest snapshot, as weights
+                                                  # over the others
+
+    @property
+    def holdout_weights(self) -> Optional[np.ndarray]:
+        """``[n-1]`` the selected held-out fit's forecast of the newest snapshot (None: not
+        scored)."""
+        return None if self.choice is None else self.trials[self.choice]
 
     def weights(self, tq: float) -> np.ndarray:
         tau = float(tq) - self.t_new
@@ -585,18 +590,16 @@ def fit_exponential_batch(t: np.ndarray, G: np.ndarray, *, rank: int = 0, rank_t
         key = ("whole" if a == 0 else "tail", K)
         scored.setdefault(i, {})[key] = np.concatenate([np.zeros(a), w])
         if i not in best or err < best[i][0]:
-            best[i] = (err, a, K, f)
+            best[i] = (err, a, K, f, key)
     chosen = sorted(best.items())
     # the refit on every snapshot of the chosen window starts from the held-out fit
-    finals = _fit_windows([(t[a:], G[i, a:, a:], K, trial.fitted_rates) for i, (_, a, K, trial) in chosen],
+    finals = _fit_windows([(t[a:], G[i, a:, a:], K, trial.fitted_rates) for i, (_, a, K, trial, _) in chosen],
                           **opts)
-    for (i, (err, a, K, trial)), f in zip(chosen, finals):
+    for (i, (err, a, _, _, key)), f in zip(chosen, finals):
         if not isinstance(f, FitError):
             f = _pad(f, a)
             f.backcast = err
-            f.choice = ("whole" if a == 0 else "tail", K)
-            f.trials = scored[i]
-            f.holdout_weights = f.trials[f.choice]
+            f.choice, f.trials = key, scored[i]
         out[i] = f
     return [f if f is not None else FitError("undetermined") for f in out]
 
