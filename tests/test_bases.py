@@ -96,6 +96,41 @@ def test_variable_projection_finds_an_oscillating_pair_from_real_starting_rates(
     np.testing.assert_allclose(mu[0][np.argsort(mu[0].imag)], [a - 1j * b, a + 1j * b], atol=1e-6)
 
 
+def test_exact_dmd_of_many_windows_is_each_window_alone():
+    """Exact DMD of many windows at once (batched by shape, then by the number of modes
+    kept): every window gets the eigenvalues of its own ``X' X^+`` (computed directly
+    here), and one window that cannot be fitted (all zero, or not finite) costs only
+    itself."""
+    from hicache3d.forecast.exponential import FitError, _exact_dmd_many
+    rng = np.random.default_rng(3)
+
+    def window(r, m, K):
+        lam = rng.uniform(0.3, 0.95, K) * np.exp(1j * rng.uniform(-0.5, 0.5, K))
+        modes = rng.standard_normal((r, K)) + 1j * rng.standard_normal((r, K))
+        return (modes @ (lam[:, None] ** np.arange(m)[None, :])).real
+
+    Ys = [window(4, 6, 2), window(4, 6, 3), window(5, 6, 3), window(4, 6, 1), window(3, 5, 2),
+          np.zeros((4, 6)), np.full((5, 6), np.nan), window(5, 6, 4)]
+    ranks = [0, 0, 2, 0, 0, 0, 0, 0]
+    got = _exact_dmd_many(Ys, 1e-8, ranks)
+    assert isinstance(got[5], FitError) and got[5].reason == "zero_history"
+    assert isinstance(got[6], (FitError, np.linalg.LinAlgError))
+    for j in (0, 1, 2, 3, 4, 7):
+        lam, modes = got[j]
+        X, Xp = Ys[j][:, :-1], Ys[j][:, 1:]
+        if ranks[j]:                        # rank-limited: project onto the leading modes
+            U = np.linalg.svd(X, full_matrices=False)[0][:, :ranks[j]]
+            X, Xp = U.T @ X, U.T @ Xp
+        direct = np.linalg.eigvals(Xp @ np.linalg.pinv(X, rcond=1e-8))
+        direct = direct[np.argsort(-np.abs(direct))][:len(lam)]
+        assert len(lam) == (ranks[j] or np.linalg.matrix_rank(X, 1e-8 * np.linalg.norm(X, 2)))
+        np.testing.assert_allclose(np.sort_complex(lam), np.sort_complex(direct), atol=1e-8)
+        # and exactly what the window gets when fitted alone
+        alone = _exact_dmd_many([Ys[j]], 1e-8, ranks[j])[0]
+        np.testing.assert_array_equal(alone[0], lam)
+        np.testing.assert_array_equal(alone[1], modes)
+
+
 def test_dmd_engages_with_three_warmup_snapshots():
     f = exp_traj(poles=[0.9 * np.exp(0.3j)])        # one oscillation: rank 2
     fc = make_forecaster("dmd", history=6)

@@ -156,22 +156,53 @@ def _pod_of(G: np.ndarray, tol: float, max_rank: Optional[int]) -> Tuple[np.ndar
     return Y, coef, s
 
 
-def _exact_dmd(Y: np.ndarray, tol: float, rank: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Exact DMD of equally spaced columns: ``(lambda [K], modes [r, K])``."""
-    X, Xp = Y[:, :-1], Y[:, 1:]
-    U, S, Vh = _memo("svd", np.ascontiguousarray(X), lambda: np.linalg.svd(X, full_matrices=False))
-    if S[0] <= 0:
-        raise FitError("zero_history")
-    K = int(np.sum(S > tol * S[0]))
-    if rank:
-        K = min(K, rank)
-    K = max(K, 1)
-    U, S, V = U[:, :K], S[:K], Vh[:K].T
-    XpVS = (Xp @ V) / S[None, :]
-    Atil = U.T @ XpVS
-    lam, Q = np.linalg.eig(Atil)
-    modes = XpVS @ Q
-    return lam, modes
+def _exact_dmd_many(Ys: list, tol: float, rank) -> list:
+    """:func:`_exact_dmd` of many windows ``Y [r, m]`` at once: one ``(lambda, modes)``,
+    :class:`FitError` or ``LinAlgError`` each.  Windows of one shape share one batched
+    SVD, and those that keep the same number of modes one batched eigendecomposition
+    (LAPACK runs on every matrix as it would alone: each result is that of its own call).
+    ``rank``: the most modes (0: the noise floor decides), one for all or one per window."""
+    ranks = list(rank) if isinstance(rank, (list, tuple, np.ndarray)) else [rank] * len(Ys)
+    out: list = [None] * len(Ys)
+    by_shape: dict = {}
+    for j, Y in enumerate(Ys):
+        by_shape.setdefault(Y.shape, []).append(j)
+    for js in by_shape.values():
+        try:
+            got = _exact_dmd_stack(np.stack([Ys[j] for j in js]), tol, [ranks[j] for j in js])
+        except np.linalg.LinAlgError as e:
+            if len(js) == 1:
+                got = [e]
+            else:                               # one of them failed: each on its own
+                got = [_exact_dmd_many([Ys[j]], tol, ranks[j])[0] for j in js]
+        for j, g in zip(js, got):
+            out[j] = g
+    return out
+
+
+def _exact_dmd_stack(Y: np.ndarray, tol: float, ranks: list) -> list:
+    """Exact DMD of a stack ``Y [P, r, m]``, at most ``ranks[q]`` modes for window ``q``
+    (see :func:`_exact_dmd_many`)."""
+    X, Xp = Y[:, :, :-1], Y[:, :, 1:]
+    U, S, Vh = np.linalg.svd(X, full_matrices=False)
+    out: list = [None] * len(Y)
+    by_k: dict = {}
+    for q in range(len(Y)):
+        if S[q, 0] <= 0:
+            out[q] = FitError("zero_history")
+            continue
+        K = int(np.sum(S[q] > tol * S[q, 0]))
+        if ranks[q]:
+            K = min(K, ranks[q])
+        by_k.setdefault(max(K, 1), []).append(q)
+    for K, qs in by_k.items():
+        Uk, Sk, V = U[qs, :, :K], S[qs, :K], np.swapaxes(Vh[qs, :K], 1, 2)
+        XpVS = (Xp[qs] @ V) / Sk[:, None, :]
+        lam, Q = np.linalg.eig(np.swapaxes(Uk, 1, 2) @ XpVS)
+        modes = XpVS @ Q
+        for i, q in enumerate(qs):
+            out[q] = (lam[i], modes[i])
+    return out
 
 
 def _rates(lam: np.ndarray, spacing: float) -> np.ndarray:
@@ -375,30 +406,51 @@ def _fit_windows(problems: list, *, tol: float, pod_tol: Optional[float], clamp:
     positions and number of rates in one batched Levenberg-Marquardt.  ``start``: rates
     to start from (a fit of nearly the same window), instead of the usual starts."""
     out: list = [None] * len(problems)
-    groups: dict = {}
+
+    def failed(j, e):
+        out[j] = e if isinstance(e, FitError) else FitError("linalg_error")
+
+    uniform, irregular = [], []
     for j, (t, G, rank, *given) in enumerate(problems):
         try:
             Y, coef, _ = _pod(np.asarray(G, dtype=np.float64), tol if pod_tol is None else pod_tol, None)
-            r = Y.shape[0]
-            if is_uniform(t):
-                lam, modes = _exact_dmd(Y, tol, rank)
-                out[j] = _finish(t, Y, coef, _rates(lam, t[1] - t[0]), modes, "uniform",
-                                 clamp, keep_residual)
-                continue
-            want = max(1, min(len(t) - 1, r if not rank else min(rank, r)))
-            if given and given[0] is not None and len(given[0]) == want:
-                starts = [given[0]]
-            else:
-                starts = _starts(Y, t, tol, want)
+        except (FitError, np.linalg.LinAlgError, ValueError) as e:
+            failed(j, e)
+            continue
+        if is_uniform(t):
+            uniform.append((j, t, Y, coef, rank))
+            continue
+        r = Y.shape[0]
+        want = max(1, min(len(t) - 1, r if not rank else min(rank, r)))
+        start = given[0] if given and given[0] is not None and len(given[0]) == want else None
+        irregular.append((j, t, Y, coef, want, start))
+    # every equally spaced window, and every start of the irregular ones, by exact DMD at once
+    dmd = _exact_dmd_many([Y for _, _, Y, _, _ in uniform], tol, [rank for *_, rank in uniform])
+    for (j, t, Y, coef, _), got in zip(uniform, dmd):
+        try:
+            if isinstance(got, Exception):
+                raise got
+            out[j] = _finish(t, Y, coef, _rates(got[0], t[1] - t[0]), got[1], "uniform", clamp, keep_residual)
+        except (FitError, np.linalg.LinAlgError, ValueError) as e:
+            failed(j, e)
+    need = [(Y, t, want) for _, t, Y, _, want, start in irregular if start is None]
+    found = iter(_starts_many(need, tol))
+    groups: dict = {}
+    for j, t, Y, coef, want, start in irregular:
+        starts = [start] if start is not None else next(found)
+        try:
+            if isinstance(starts, Exception):
+                raise starts
             if not refine:
                 rates = starts[0]
                 E = np.exp(np.outer(rates, (t - t[-1])))
                 Bt, *_ = np.linalg.lstsq(E.T, Y.T.astype(np.complex128), rcond=None)
                 out[j] = _finish(t, Y, coef, rates, Bt.T, "irregular", clamp, keep_residual)
                 continue
-            groups.setdefault((t.tobytes(), want), []).append((j, t, Y, coef, starts))
         except (FitError, np.linalg.LinAlgError, ValueError) as e:
-            out[j] = e if isinstance(e, FitError) else FitError("linalg_error")
+            failed(j, e)
+            continue
+        groups.setdefault((t.tobytes(), want), []).append((j, t, Y, coef, starts))
     for (_, want), members in groups.items():
         t = members[0][1]
         scale = _median_spacing(t)
@@ -442,24 +494,42 @@ def _fit_window(t: np.ndarray, G: np.ndarray, *, rank: int, **opts) -> ExpFit:
     return fit
 
 
-def _starts(Y: np.ndarray, t: np.ndarray, tol: float, want: int) -> list:
-    """Starting rates for variable projection on an irregular window, ``want`` each.
+def _starts_many(jobs: list, tol: float) -> list:
+    """Starting rates for variable projection on irregular windows ``(Y, t, want)``: a
+    list of starts (``want`` rates each) or the exception that prevented them, per window.
 
     First the rates of every equally spaced run (the warm-up steps give the fine
     spacing, the cache cadence the coarse one), merged without duplicates; where these
     are fewer than ``want`` (a short run cannot show every mode the whole window holds),
     the missing ones are filled from exact DMD of the whole window taken as equally
-    spaced, and from a few real decay rates; each filling is one start."""
+    spaced, and from a few real decay rates; each filling is one start.  The exact DMDs
+    of all the windows are made at once."""
+    Ys, ranks, plans = [], [], []
+    for Y, t, want in jobs:
+        runs = uniform_runs(t)
+        plans.append((len(Ys), runs))
+        Ys += [Y[:, a:b] for a, b in runs] + [Y]
+        ranks += [want] * (len(runs) + 1)
+    got = _exact_dmd_many(Ys, tol, ranks)
+    out = []
+    for (Y, t, want), (first, runs) in zip(jobs, plans):
+        mine = got[first:first + len(runs) + 1]
+        bad = [g for g in mine if isinstance(g, Exception)]
+        out.append(bad[0] if bad else _merged_starts(t, want, runs, [g[0] for g in mine]))
+    return out
+
+
+def _merged_starts(t: np.ndarray, want: int, runs: list, lams: list) -> list:
+    """The starts of :func:`_starts_many` from the eigenvalues of every run's exact DMD
+    and, last, of the whole window's taken as equally spaced."""
     n = len(t)
     base = []
-    for a, b in uniform_runs(t):
-        lam0, _ = _exact_dmd(Y[:, a:b], tol, want)
+    for (a, _), lam0 in zip(runs, lams):
         for m in _rates(lam0, t[a + 1] - t[a]):
             if all(abs(m - q) > 1e-6 * (1 + abs(q)) for q in base):
                 base.append(m)
     spacing = (t[-1] - t[0]) / (n - 1)
-    lam_u, _ = _exact_dmd(Y, tol, want)
-    pseudo = list(_rates(lam_u, spacing))
+    pseudo = list(_rates(lams[-1], spacing))
     scale = _median_spacing(t)
     fills = [pseudo] + [[complex(-c / scale * np.sign(spacing))] * want for c in (0.05, 0.3, 1.0)]
     starts = []
