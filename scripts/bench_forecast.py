@@ -52,7 +52,7 @@ from hicache3d.forecast_bench.accuracy import section_accuracy  # noqa: E402
 from hicache3d.forecast_bench.arms import DEPS_NOTE, probe_imports  # noqa: E402
 from hicache3d.forecast_bench.cost import section_cost  # noqa: E402
 from hicache3d.forecast_bench.coverage import section_coverage  # noqa: E402
-from hicache3d.forecast_bench.report import render_markdown  # noqa: E402
+from hicache3d.forecast_bench.report import rewrite_report  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -79,8 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.report_only:
         if not jpath.is_file():
             ap.error(f"--report-only needs {jpath}; run the benchmark first")
-        atomic_write(mpath, render_markdown(json.loads(jpath.read_text())).encode())
-        print(f"wrote {mpath}")
+        print(f"wrote {rewrite_report(Path(args.out_dir), stem)}")
         return 0
     if os.path.isdir(args.deps) and args.deps not in sys.path:
         sys.path.append(args.deps)
@@ -116,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     os.makedirs(args.out_dir, exist_ok=True)
     atomic_write(jpath, json.dumps(res, indent=1, default=str).encode())
-    atomic_write(mpath, render_markdown(res).encode())
+    rewrite_report(Path(args.out_dir), stem)
     log(f"wrote {jpath} and {mpath}")
     return 0
 

@@ -2,13 +2,16 @@
 the result dictionary that is also stored as ``benchmarks/forecast.json``."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .._io import atomic_write
 from .cost import TARGETS
 from .scenarios import SCENARIO_TITLE
 
-__all__ = ["SEED_PUBLISHED", "SEED_PUBLISHED_TAYLORSEER", "render_markdown", "losses"]
+__all__ = ["SEED_PUBLISHED", "SEED_PUBLISHED_TAYLORSEER", "render_markdown", "rewrite_report", "losses"]
 
 # the seed's published table (from its own benchmark; see benchmarks/README.md): (scenario, H) -> {arm: value}
 SEED_PUBLISHED = {
@@ -210,8 +213,44 @@ def md_coverage(cov: Dict[str, Any]) -> List[str]:
     return L
 
 
-def losses(res: Dict[str, Any]) -> List[str]:
-    """Where hicache3d does worse than a comparison in this run (data-driven)."""
+# targets of the sampler's view (scripts/bench_fits.py)
+WALL_TARGET = 0.9       # wall-clock speed-up over the forward ratio, at least
+STEADY_TARGET = 1.5     # steady-state cost of a prediction over one weighted sum, at most
+
+
+def md_fits(fits: Dict[str, Any]) -> List[str]:
+    """The sampler's view, from ``fits.json`` (``scripts/bench_fits.py``): wall clock
+    against the forward ratio on the bundled generator, and the steady-state cost of a
+    prediction (push, then ``k`` predictions at new horizons) against one weighted sum."""
+    st = fits.get("settings", {})
+    L = ["## 4. The sampler's view: wall clock and steady-state cost", "",
+         "From `fits.json`, written by `scripts/bench_fits.py` (its own run; `fits.md` has the method and "
+         "every column)."]
+    if fits.get("wall_clock"):
+        L += ["", f"Wall clock on the bundled generator, batch {st.get('batch')}, {st.get('steps')} steps, "
+              f"interval {st.get('interval')}: speed-up over the forward ratio, estimated within each cached "
+              f"run (`same run`; target >= {WALL_TARGET}), and the paired quotient (uncached run over the "
+              "cached run right after it, drift between runs included).", "",
+              "| basis | fewer forwards | of fwd ratio, same run | paired | forecasting s | target |",
+              "|---|---|---|---|---|---|"]
+        for r in fits["wall_clock"]:
+            L.append(f"| {r['backend']} | {r['forward_ratio']:.2f}x | {r['efficiency_same_run']:.2f} | "
+                     f"{r['efficiency']:.2f} | {r['forecast_s']:.2f} | "
+                     f"{_ok(r['efficiency_same_run'] >= WALL_TARGET)} |")
+    if fits.get("forecast_cost"):
+        L += ["", f"Steady state at d = {st.get('dim')}, history {st.get('history')}, float32: push, then "
+              f"{st.get('k')} predictions at new horizons; time per prediction over one weighted sum "
+              f"(target <= {STEADY_TARGET}x).", "",
+              "| basis | ratio (median) | ratio (fastest windows) | target |", "|---|---|---|---|"]
+        for r in fits["forecast_cost"]:
+            L.append(f"| {r['backend']} | {r['ratio']:.2f}x | {r['ratio_min']:.2f}x | "
+                     f"{_ok(r['ratio'] <= STEADY_TARGET)} |")
+    return L + [""]
+
+
+def losses(res: Dict[str, Any], fits: Optional[Dict[str, Any]] = None) -> List[str]:
+    """Where hicache3d does worse than a comparison or misses a target in this run
+    (data-driven); ``fits``: the sampler's view, ``fits.json``."""
     out: List[str] = []
     acc = res.get("accuracy")
     if acc:
@@ -245,11 +284,32 @@ def losses(res: Dict[str, Any]) -> List[str]:
                            f"over the skipped steps {_f(o['mean_err_all_skipped'])} vs the seed's "
                            f"{_f(sd['mean_err_all_skipped'])} (medians {_f(o['median_err_all_skipped'])} vs "
                            f"{_f(sd['median_err_all_skipped'])})")
+    for r in (fits or {}).get("wall_clock", []):
+        if r["efficiency_same_run"] < WALL_TARGET:
+            out.append(f"wall clock, {r['backend']}: {r['efficiency_same_run']:.2f} of the forward ratio "
+                       f"(target {WALL_TARGET})")
+    for r in (fits or {}).get("forecast_cost", []):
+        if r["ratio"] > STEADY_TARGET:
+            out.append(f"steady-state cost, {r['backend']}: {r['ratio']:.2f}x one weighted sum "
+                       f"(target {STEADY_TARGET}x)")
     return out
 
 
-def render_markdown(res: Dict[str, Any]) -> str:
-    """The whole report, from the result dictionary of one run (``forecast.json``)."""
+def rewrite_report(out_dir: Path, stem: str = "forecast") -> Optional[Path]:
+    """Rewrite ``<stem>.md`` in ``out_dir`` from ``<stem>.json`` and, when present,
+    ``fits.json`` there (either benchmark may run last); None when there is no
+    ``<stem>.json``."""
+    jpath, mpath, fpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / "fits.json"
+    if not jpath.is_file():
+        return None
+    fits = json.loads(fpath.read_text()) if fpath.is_file() else None
+    atomic_write(mpath, render_markdown(json.loads(jpath.read_text()), fits).encode("utf-8"))
+    return mpath
+
+
+def render_markdown(res: Dict[str, Any], fits: Optional[Dict[str, Any]] = None) -> str:
+    """The whole report, from the result dictionary of one run (``forecast.json``) and,
+    when given, the sampler's view measured by ``scripts/bench_fits.py`` (``fits.json``)."""
     m = res["meta"]
     L = ["# Forecast benchmark", "",
          f"Generated by `scripts/bench_forecast.py{' --quick' if m['quick'] else ''}` on {m['date']} "
@@ -272,9 +332,12 @@ def render_markdown(res: Dict[str, Any]) -> str:
         L += md_cost(res["cost"])
     if "coverage" in res:
         L += md_coverage(res["coverage"])
-    lost = losses(res)
+    if fits:
+        L += md_fits(fits)
+    lost = losses(res, fits)
     L += ["## Where hicache3d loses in this run", "",
           "Listed from the numbers above (accuracy: >10% worse than the named comparison; cost: a missed "
-          "target; coverage: a higher mean error over all skipped steps than the seed's).",
+          "target; coverage: a higher mean error over all skipped steps than the seed's; wall clock and "
+          "steady-state cost: a missed target of section 4).",
           ""] + ([f"- {x}" for x in lost] or ["- nothing"]) + [""]
     return "\n".join(L).rstrip() + "\n"
