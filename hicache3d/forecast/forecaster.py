@@ -314,7 +314,7 @@ class Forecaster:
         weighted by its carried backcast error to the power ``-blend`` (relative to the
         best one's).  Returns the weights ``[items, n]``, the best candidate per item, and
         which items got a blend (the others take the fallback chain).  Damping, finiteness
-        and the plausibility check run over the batch in one go."""
+        and the plausibility check run over every candidate and batch item in one go."""
         t, G = self._window()
         items, n, C = self.store.items, len(t), len(self.candidates)
         carried = np.full((items, C), np.inf)
@@ -333,22 +333,25 @@ class Forecaster:
                     continue
                 Wc[c, item] = fit.weights(tq)
                 ok[c, item] = True
-            if not ok[c].any():
-                continue
-            W = Wc[c]
-            if spec.damping:
-                W *= 1.0 - spec.damping
-                W[:, -1] += spec.damping
-            with np.errstate(all="ignore"):
-                finite = ok[c] & np.all(np.isfinite(W), axis=1) & (np.abs(W).sum(axis=1) <= _MAX_WEIGHT_L1)
-                W[~finite] = 0.0
-                good = finite.copy()
-                if registry.get(spec.name).plausibility:
-                    good &= np.einsum("in,inm,im->i", W, Gn, W) <= _MAX_NORM_RATIO ** 2 * top
-            reasons += [f"{spec.name}:nonfinite_weights"] * int(np.sum(ok[c] & ~finite))
-            reasons += [f"{spec.name}:implausible_forecast"] * int(np.sum(finite & ~good))
-            W[~good] = 0.0
-            ok[c] = good
+        # damping, finiteness and the plausibility check: every candidate and item at once
+        damping = np.array([spec.damping for spec in self.candidates], dtype=np.float64)
+        if damping.any():
+            Wc *= (1.0 - damping)[:, None, None]
+            Wc[:, :, -1] += damping[:, None]
+        checked = np.array([registry.get(spec.name).plausibility for spec in self.candidates], dtype=bool)
+        with np.errstate(all="ignore"):
+            finite = ok & np.all(np.isfinite(Wc), axis=2) & (np.abs(Wc).sum(axis=2) <= _MAX_WEIGHT_L1)
+            Wc[~finite] = 0.0
+            good = finite.copy()
+            if checked.any():
+                size = np.einsum("cin,inm,cim->ci", Wc[checked], Gn, Wc[checked])
+                good[checked] &= size <= _MAX_NORM_RATIO ** 2 * top[None, :]
+        for c in np.nonzero((ok & ~good).any(axis=1))[0]:
+            name = self.candidates[c].name
+            reasons += [f"{name}:nonfinite_weights"] * int(np.sum(ok[c] & ~finite[c]))
+            reasons += [f"{name}:implausible_forecast"] * int(np.sum(finite[c] & ~good[c]))
+        Wc[~good] = 0.0
+        ok = good
         served = ok.any(axis=0)
         err = np.where(ok.T, carried, np.inf)                       # [items, C]
         best = np.argmin(err, axis=1)                               # ties: candidate order
