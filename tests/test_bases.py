@@ -450,3 +450,18 @@ def test_blend_is_validated():
     for bad in (-1.0, float("nan"), "2"):
         with pytest.raises(ValueError, match="blend"):
             CacheConfig(backend="auto", blend=bad)
+
+
+def test_auto_blend_drops_an_implausible_candidate_for_that_item_only():
+    """Two batch items: on the first, taylor (and taylor damped by 0.5) extrapolates far
+    beyond every snapshot and is left out of the blend (counted once per candidate); the
+    second item, a straight line, keeps it and is served the exact linear forecast."""
+    fc = make_forecaster("auto", history=4, candidates=("reuse", "taylor"), blend=1.0)
+    rows = ((0.0, 1.0), (1.0, 1.1), (-1.0, 1.2), (1.0, 1.3))
+    for t, (a, b) in enumerate(rows):
+        fc.push(float(t), torch.tensor([[a] * 4, [b] * 4], dtype=torch.float64))
+    out = fc.predict(10.0)
+    assert dict(fc.stats.fallbacks) == {"taylor:implausible_forecast": 2}
+    assert fc.last_labels == ["reuse", "taylor"]
+    assert torch.equal(out[0], torch.ones(4, dtype=torch.float64))           # the newest snapshot
+    torch.testing.assert_close(out[1], torch.full((4,), 2.0, dtype=torch.float64), rtol=1e-9, atol=1e-9)
