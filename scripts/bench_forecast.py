@@ -55,6 +55,25 @@ from hicache3d.forecast_bench.coverage import section_coverage  # noqa: E402
 from hicache3d.forecast_bench.report import rewrite_report  # noqa: E402
 
 
+SECTIONS = ("accuracy", "cost", "coverage")
+
+
+def merge_rerun(res: Dict[str, Any], meta: Dict[str, Any], jpath: Path, reason: Optional[str]) -> Dict[str, Any]:
+    """The results to store: a run of every section stands alone; a run of some of them
+    replaces those in the stored JSON and keeps the others, noting the re-run (its
+    sections, date, versions and ``reason``) in ``meta["reruns"]``."""
+    if set(meta["sections"]) >= set(SECTIONS) or not jpath.is_file():
+        return dict(res, meta=meta)
+    stored = json.loads(jpath.read_text())
+    if stored.get("meta", {}).get("quick") != meta["quick"]:
+        return dict(res, meta=meta)
+    old = stored["meta"]
+    old.setdefault("reruns", []).append({k: meta[k] for k in ("sections", "date", "wall_s", "hicache3d", "torch", "numpy", "threads")}
+                  | ({"reason": reason} if reason else {}))
+    stored.update(res)
+    return stored
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few seeds, small sizes: a smoke run "
@@ -69,9 +88,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 by default: the cores are shared, one thread times steadily)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per scenario (default 20, 3 with --quick)")
+    ap.add_argument("--reason", default=None,
+                    help="with a subset of --sections: why they are re-run (kept in the JSON and the report)")
     args = ap.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - {"accuracy", "cost", "coverage"})
+    unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         ap.error(f"unknown section(s) {', '.join(unknown)}; choose from accuracy, cost, coverage")
     stem = "forecast_quick" if args.quick else "forecast"
@@ -106,13 +127,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "coverage" in sections:
         log("coverage")
         res["coverage"] = section_coverage(args.seeds or (2 if quick else 20), 64, log)
-    res["meta"] = {
+    meta = {
         "quick": quick, "sections": sections, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_s": time.perf_counter() - t_start,
         "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores visible, {platform.processor() or platform.machine()}",
         "torch": torch.__version__, "numpy": np.__version__, "hicache3d": hicache3d.__version__,
         "threads": args.threads, "imports": imports, "deps_note": DEPS_NOTE,
     }
+    res = merge_rerun(res, meta, jpath, args.reason)
     os.makedirs(args.out_dir, exist_ok=True)
     atomic_write(jpath, json.dumps(res, indent=1, default=str).encode())
     rewrite_report(Path(args.out_dir), stem)

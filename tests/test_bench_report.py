@@ -38,3 +38,28 @@ def test_forecast_report_shows_and_judges_the_sampler_view(tmp_path):
 def test_forecast_report_needs_its_json(tmp_path):
     (tmp_path / "fits.json").write_text(json.dumps(_fits({"dmd": 1.0}, {"dmd": 1.0})))
     assert rewrite_report(tmp_path) is None and not (tmp_path / "forecast.md").exists()
+
+
+def test_rerunning_some_sections_keeps_the_others(tmp_path):
+    """``bench_forecast.py --sections cost`` replaces the stored cost section only, keeps
+    accuracy and coverage, and notes the re-run (with its reason) in the JSON and the
+    report; a run of every section stands alone."""
+    from ._scripts import load_script
+    bf = load_script("bench_forecast")
+    jpath = tmp_path / "forecast.json"
+    shutil.copy(ROOT / "benchmarks" / "forecast.json", jpath)
+    stored = json.loads(jpath.read_text())
+    meta = dict(stored["meta"], sections=["cost"], date="2030-01-01 00:00:00", wall_s=5.0)
+    merged = bf.merge_rerun({"cost": {"marker": 1}}, meta, jpath, "a faster blend")
+    assert merged["cost"] == {"marker": 1}
+    assert merged["accuracy"] == stored["accuracy"] and merged["coverage"] == stored["coverage"]
+    assert merged["meta"]["date"] == stored["meta"]["date"]                 # the original run's
+    last = merged["meta"]["reruns"][-1]
+    assert last["sections"] == ["cost"] and last["reason"] == "a faster blend"
+    assert len(merged["meta"]["reruns"]) == len(stored["meta"].get("reruns", [])) + 1
+    full = dict(meta, sections=list(bf.SECTIONS))
+    alone = bf.merge_rerun({"cost": {"marker": 2}}, full, jpath, None)
+    assert alone == {"cost": {"marker": 2}, "meta": full}
+    merged["cost"] = stored["cost"]
+    from hicache3d.forecast_bench.report import render_markdown
+    assert "Re-run since: cost on 2030-01-01 00:00:00 (5 s): a faster blend." in render_markdown(merged)
