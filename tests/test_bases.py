@@ -96,11 +96,11 @@ def test_variable_projection_finds_an_oscillating_pair_from_real_starting_rates(
     np.testing.assert_allclose(mu[0][np.argsort(mu[0].imag)], [a - 1j * b, a + 1j * b], atol=1e-6)
 
 
-def test_exact_dmd_of_many_windows_is_each_window_alone():
+def test_exact_dmd_of_many_windows_is_each_window_alone(monkeypatch):
     """Exact DMD of many windows at once (batched by shape, then by the number of modes
     kept): every window gets the eigenvalues of its own ``X' X^+`` (computed directly
     here), and one window that cannot be fitted (all zero, or not finite) costs only
-    itself."""
+    itself, also where a LAPACK call fails within a batch."""
     from hicache3d.forecast.exponential import FitError, _exact_dmd_many
     rng = np.random.default_rng(3)
 
@@ -109,12 +109,15 @@ def test_exact_dmd_of_many_windows_is_each_window_alone():
         modes = rng.standard_normal((r, K)) + 1j * rng.standard_normal((r, K))
         return (modes @ (lam[:, None] ** np.arange(m)[None, :])).real
 
+    inf = window(4, 6, 2)
+    inf[1, 2] = np.inf                      # an SVD of it would never return (OpenBLAS LAPACK)
     Ys = [window(4, 6, 2), window(4, 6, 3), window(5, 6, 3), window(4, 6, 1), window(3, 5, 2),
-          np.zeros((4, 6)), np.full((5, 6), np.nan), window(5, 6, 4)]
-    ranks = [0, 0, 2, 0, 0, 0, 0, 0]
+          np.zeros((4, 6)), np.full((5, 6), np.nan), window(5, 6, 4), inf]
+    ranks = [0, 0, 2, 0, 0, 0, 0, 0, 0]
     got = _exact_dmd_many(Ys, 1e-8, ranks)
     assert isinstance(got[5], FitError) and got[5].reason == "zero_history"
-    assert isinstance(got[6], (FitError, np.linalg.LinAlgError))
+    assert isinstance(got[6], FitError) and got[6].reason == "nonfinite_fit"
+    assert isinstance(got[8], FitError) and got[8].reason == "nonfinite_fit"
     for j in (0, 1, 2, 3, 4, 7):
         lam, modes = got[j]
         X, Xp = Ys[j][:, :-1], Ys[j][:, 1:]
@@ -129,6 +132,20 @@ def test_exact_dmd_of_many_windows_is_each_window_alone():
         alone = _exact_dmd_many([Ys[j]], 1e-8, ranks[j])[0]
         np.testing.assert_array_equal(alone[0], lam)
         np.testing.assert_array_equal(alone[1], modes)
+    # a LAPACK failure in a batch: every window of it is fitted again on its own
+    from hicache3d.forecast import exponential as ex
+    stack = ex._exact_dmd_stack
+
+    def fails_in_a_batch(Y, tol, r):
+        if len(Y) > 1:
+            raise np.linalg.LinAlgError("as if one window of the batch failed")
+        return stack(Y, tol, r)
+    monkeypatch.setattr(ex, "_exact_dmd_stack", fails_in_a_batch)
+    again = _exact_dmd_many(Ys, 1e-8, ranks)
+    for j in (0, 1, 2, 3, 4, 7):
+        np.testing.assert_array_equal(again[j][0], got[j][0])
+        np.testing.assert_array_equal(again[j][1], got[j][1])
+    assert again[5].reason == "zero_history"
 
 
 def test_dmd_engages_with_three_warmup_snapshots():

@@ -157,8 +157,9 @@ def _pod_of(G: np.ndarray, tol: float, max_rank: Optional[int]) -> Tuple[np.ndar
 
 
 def _exact_dmd_many(Ys: list, tol: float, rank) -> list:
-    """:func:`_exact_dmd` of many windows ``Y [r, m]`` at once: one ``(lambda, modes)``,
-    :class:`FitError` or ``LinAlgError`` each.  Windows of one shape share one batched
+    """Exact DMD of many windows ``Y [r, m]`` of equally spaced columns at once: one
+    ``(lambda [K], modes [r, K])``, :class:`FitError`, ``LinAlgError`` or ``ValueError``
+    each (what prevented that window's fit).  Windows of one shape share one batched
     SVD, and those that keep the same number of modes one batched eigendecomposition
     (LAPACK runs on every matrix as it would alone: each result is that of its own call).
     ``rank``: the most modes (0: the noise floor decides), one for all or one per window."""
@@ -166,11 +167,14 @@ def _exact_dmd_many(Ys: list, tol: float, rank) -> list:
     out: list = [None] * len(Ys)
     by_shape: dict = {}
     for j, Y in enumerate(Ys):
-        by_shape.setdefault(Y.shape, []).append(j)
+        if np.all(np.isfinite(Y)):
+            by_shape.setdefault(Y.shape, []).append(j)
+        else:                                   # LAPACK's SVD may never return on an inf
+            out[j] = FitError("nonfinite_fit")
     for js in by_shape.values():
         try:
             got = _exact_dmd_stack(np.stack([Ys[j] for j in js]), tol, [ranks[j] for j in js])
-        except np.linalg.LinAlgError as e:
+        except (np.linalg.LinAlgError, ValueError) as e:
             if len(js) == 1:
                 got = [e]
             else:                               # one of them failed: each on its own
