@@ -290,3 +290,18 @@ def test_fit_free_bases_make_snapshot_products_only_when_a_check_needs_them(back
         assert big                              # the far forecast needed them
     if backend == "reuse":
         assert not l[7]                         # reuse never does
+
+
+def test_gram_of_snapshots_not_finalized_is_refused():
+    """A Gram matrix asked for before ``finalize()`` would hold, for the new snapshot, the
+    products of the one its slot held before (here: an evicted snapshot's): refused."""
+    from hicache3d.forecast.store import SnapshotStore
+    st = SnapshotStore(2, batch_dim=0)
+    for k, v in enumerate((1.0, 2.0)):
+        st.push(float(k), torch.full((1, 3), v, dtype=torch.float64))
+    assert st.finalize() is None
+    st.push(2.0, torch.full((1, 3), 5.0, dtype=torch.float64))     # evicts the first
+    with pytest.raises(RuntimeError, match="before finalize"):
+        st.gram()
+    assert st.finalize() is None
+    np.testing.assert_allclose(st.gram()[0], 3.0 * np.array([[4.0, 10.0], [10.0, 25.0]]))

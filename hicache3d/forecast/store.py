@@ -108,6 +108,11 @@ class SnapshotStore:
     def gram(self) -> np.ndarray:
         """Gram matrices ``[items, n, n]`` in float64, oldest snapshot first (call
         :meth:`finalize` first; products it left out are made now)."""
+        if self._pending:
+            # their slots still hold an evicted snapshot's products (or none): a matrix
+            # made now would be silently wrong, and cached by whoever asked for it
+            raise RuntimeError("SnapshotStore.gram() before finalize(): snapshots pushed since the "
+                               "last finalize() have no products yet")
         if self._cross:
             self._update([], cross=True)          # only the products left out
         o = self._order
