@@ -67,9 +67,10 @@ def merge_rerun(res: Dict[str, Any], meta: Dict[str, Any], jpath: Path, reason: 
     stored = json.loads(jpath.read_text())
     if stored.get("meta", {}).get("quick") != meta["quick"]:
         return dict(res, meta=meta)
-    old = stored["meta"]
-    old.setdefault("reruns", []).append({k: meta[k] for k in ("sections", "date", "wall_s", "hicache3d", "torch", "numpy", "threads")}
-                  | ({"reason": reason} if reason else {}))
+    rerun = {k: meta[k] for k in ("sections", "date", "wall_s", "hicache3d", "torch", "numpy", "threads")}
+    if reason:
+        rerun["reason"] = reason
+    stored["meta"].setdefault("reruns", []).append(rerun)
     stored.update(res)
     return stored
 
