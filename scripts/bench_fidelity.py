@@ -8,6 +8,8 @@ runs (`--per-shape`).  Writes benchmarks/fidelity.{json,md,png}.
     python scripts/bench_fidelity.py --adaptive-only
         # only the adaptive rows (plus one fixed row per step count, checked against the
         # stored one), merged with the fixed rows of benchmarks/fidelity.json
+    python scripts/bench_fidelity.py --adaptive-only --steps 12
+        # the same for 12 steps only, the stored adaptive rows of 25 and 50 kept
     python scripts/bench_fidelity.py --bases dmd,auto
         # only the fixed rows of these bases (every step count and interval), merged with
         # the other bases' rows and the adaptive rows of benchmarks/fidelity.json
@@ -21,6 +23,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -59,15 +62,26 @@ def merge_rows(old: dict, new: dict, bases: list) -> dict:
     return out
 
 
-def with_stored(old: dict, res: dict) -> dict:
+def with_stored(old: dict, res: dict, steps: Optional[list] = None) -> dict:
     """``res`` (a run of the adaptive rows) with the fixed rows of the stored sweep ``old``
     in their place, and the stored notes, the record of re-run bases and the searched-
-    pattern rows (``scripts/bench_pattern.py``) kept (this run does not change them)."""
+    pattern rows (``scripts/bench_pattern.py``) kept (this run does not change them).
+    ``steps``: the step counts ``res`` re-ran; the stored adaptive rows, baselines and
+    checks of the others are kept."""
+    if list(old["shapes"]) != list(res["shapes"]):
+        raise SystemExit("the stored sweep used other shapes; re-run it in full")
     fixed = [dict(r, schedule=r.get("schedule", "fixed"), tolerance=r.get("tolerance"))
              for r in old["rows"] if r.get("schedule", "fixed") == "fixed"]
+    kept = [] if steps is None else [r for r in old["rows"]
+                                     if r.get("schedule") == "adaptive" and int(r["steps"]) not in steps]
     out = dict(res)
-    out["rows"] = (fixed + [r for r in res["rows"] if r["schedule"] == "adaptive"]
+    out["rows"] = (fixed + sorted(kept + [r for r in res["rows"] if r["schedule"] == "adaptive"],
+                                  key=lambda r: int(r["steps"]))
                    + [r for r in old["rows"] if r.get("schedule") == "pattern"])
+    if steps is not None:
+        base = {int(k): v for k, v in old["baselines"].items() if int(k) not in steps}
+        base.update({int(k): v for k, v in res["baselines"].items()})
+        out["baselines"] = {k: base[k] for k in sorted(base)}
     for key in ("notes", "rerun_bases", "pattern_search", "pattern_search_variants"):
         if old.get(key):
             out[key] = old[key]
@@ -92,6 +106,10 @@ def main() -> None:
     ap.add_argument("--per-shape", default=",".join(ADAPTIVE_BASES),
                     help="bases whose adaptive rows are also run one shape per call, as `hicache3d "
                          "generate` runs (each shape's schedule decided on that shape alone); '' for none")
+    ap.add_argument("--steps", default=None,
+                    help="with --adaptive-only: re-run only these step counts (comma separated), "
+                         "keeping the stored adaptive rows of the others (e.g. a block timed while "
+                         "the machine was busy)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -128,9 +146,14 @@ def main() -> None:
         old = json.loads((a.out / "fidelity.json").read_text())
         fixed = [r for r in old["rows"] if r.get("schedule", "fixed") == "fixed"]
         check_base = a.adaptive_bases.split(",")[0]
-        res = run_sweep(list(adaptive), [4], [12, 25, 50], shapes_n=a.shapes, progress=say,
+        steps = sorted({int(x) for x in a.steps.split(",")}) if a.steps else None
+        stored_steps = sorted({int(r["steps"]) for r in fixed})
+        if steps and not set(steps) <= set(stored_steps):
+            ap.error(f"--steps: the stored sweep has step counts {stored_steps}")
+        res = run_sweep(list(adaptive), [4], steps or [12, 25, 50], shapes_n=a.shapes, progress=say,
                         adaptive=adaptive, adaptive_options=ADAPTIVE_OPTIONS, per_item=per_shape)
-        checks = []
+        checks = [] if steps is None else [c for c in old.get("fixed_rows_check", [])
+                                           if int(c["steps"]) not in steps]
         for r in [r for r in res["rows"] if r["schedule"] == "fixed"]:
             o = next(o for o in fixed if o["steps"] == r["steps"] and o["backend"] == r["backend"]
                      and o["interval"] == r["interval"])
@@ -139,8 +162,8 @@ def main() -> None:
                            "identical": abs(r["iou_mean"] - o["iou_mean"]) < 1e-12})
             say(f"check steps {r['steps']} {check_base} interval {r['interval']}: IoU now "
                 f"{r['iou_mean']:.6f}, stored {o['iou_mean']:.6f}")
-        res = with_stored(old, res)
-        res["fixed_rows_check"] = checks
+        res = with_stored(old, res, steps)
+        res["fixed_rows_check"] = sorted(checks, key=lambda c: int(c["steps"]))
         stem = "fidelity"
     else:
         # reports are rewritten after every block, so an interrupted sweep keeps what it did

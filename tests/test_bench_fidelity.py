@@ -55,6 +55,24 @@ def test_adaptive_only_keeps_the_stored_fixed_rows_and_notes():
     assert "schedule" not in old["rows"][2]              # the stored rows are not modified
 
 
+def test_adaptive_only_of_some_step_counts_keeps_the_others():
+    """--adaptive-only --steps 12: the 12-step adaptive rows and baseline are the fresh
+    ones; the stored adaptive rows and baseline of 25 steps stay, in step order."""
+    m = _script()
+    old = {"shapes": ["a"], "baselines": {"12": {"seconds": 9.0}, "25": {"seconds": 20.0}},
+           "rows": [_row("dmd", 12, 3, 0.90), _row("dmd", 25, 3, 0.95),
+                    _row("hermite", 12, iou=0.97, schedule="adaptive", tolerance=0.5),
+                    _row("hermite", 25, iou=0.96, schedule="adaptive", tolerance=0.5)]}
+    res = {"shapes": ["a"], "baselines": {12: {"seconds": 5.0}},
+           "rows": [_row("hermite", 12, 4, 0.91), _row("hermite", 12, iou=0.98, schedule="adaptive", tolerance=0.5)]}
+    out = m.with_stored(old, res, [12])
+    got = [(r["steps"], r["schedule"], r["iou_mean"]) for r in out["rows"]]
+    assert got == [(12, "fixed", 0.90), (25, "fixed", 0.95), (12, "adaptive", 0.98), (25, "adaptive", 0.96)]
+    assert out["baselines"] == {12: {"seconds": 5.0}, 25: {"seconds": 20.0}}
+    with pytest.raises(SystemExit, match="other shapes"):
+        m.with_stored(old, dict(res, shapes=["b"]), [12])
+
+
 def test_sweep_runs_adaptive_rows_per_shape_against_the_same_samples(tmp_path):
     """``per_item`` rows: one call per shape, a pattern per shape, the forward ratio against
     the uncached per-shape run (a network call per shape); written as a frontier of their own."""
