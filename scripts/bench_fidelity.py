@@ -145,7 +145,6 @@ def main() -> None:
     elif a.adaptive_only:
         old = json.loads((a.out / "fidelity.json").read_text())
         fixed = [r for r in old["rows"] if r.get("schedule", "fixed") == "fixed"]
-        check_base = a.adaptive_bases.split(",")[0]
         steps = sorted({int(x) for x in a.steps.split(",")}) if a.steps else None
         stored_steps = sorted({int(r["steps"]) for r in fixed})
         if steps and not set(steps) <= set(stored_steps):
@@ -160,7 +159,7 @@ def main() -> None:
             checks.append({"steps": r["steps"], "backend": r["backend"], "interval": r["interval"],
                            "iou_mean_now": r["iou_mean"], "iou_mean_stored": o["iou_mean"],
                            "identical": abs(r["iou_mean"] - o["iou_mean"]) < 1e-12})
-            say(f"check steps {r['steps']} {check_base} interval {r['interval']}: IoU now "
+            say(f"check steps {r['steps']} {r['backend']} interval {r['interval']}: IoU now "
                 f"{r['iou_mean']:.6f}, stored {o['iou_mean']:.6f}")
         res = with_stored(old, res, steps)
         res["fixed_rows_check"] = sorted(checks, key=lambda c: int(c["steps"]))
