@@ -431,9 +431,10 @@ def _fit_windows(problems: list, *, tol: float, pod_tol: Optional[float], clamp:
     # every equally spaced window, and every start of the irregular ones, by exact DMD at once
     dmd = _exact_dmd_many([Y for _, _, Y, _, _ in uniform], tol, [rank for *_, rank in uniform])
     for (j, t, Y, coef, _), got in zip(uniform, dmd):
+        if isinstance(got, Exception):
+            failed(j, got)
+            continue
         try:
-            if isinstance(got, Exception):
-                raise got
             out[j] = _finish(t, Y, coef, _rates(got[0], t[1] - t[0]), got[1], "uniform", clamp, keep_residual)
         except (FitError, np.linalg.LinAlgError, ValueError) as e:
             failed(j, e)
@@ -442,17 +443,17 @@ def _fit_windows(problems: list, *, tol: float, pod_tol: Optional[float], clamp:
     groups: dict = {}
     for j, t, Y, coef, want, start in irregular:
         starts = [start] if start is not None else next(found)
-        try:
-            if isinstance(starts, Exception):
-                raise starts
-            if not refine:
+        if isinstance(starts, Exception):
+            failed(j, starts)
+            continue
+        if not refine:                          # the first start as it is
+            try:
                 rates = starts[0]
                 E = np.exp(np.outer(rates, (t - t[-1])))
                 Bt, *_ = np.linalg.lstsq(E.T, Y.T.astype(np.complex128), rcond=None)
                 out[j] = _finish(t, Y, coef, rates, Bt.T, "irregular", clamp, keep_residual)
-                continue
-        except (FitError, np.linalg.LinAlgError, ValueError) as e:
-            failed(j, e)
+            except (FitError, np.linalg.LinAlgError, ValueError) as e:
+                failed(j, e)
             continue
         groups.setdefault((t.tobytes(), want), []).append((j, t, Y, coef, starts))
     for (_, want), members in groups.items():
