@@ -129,7 +129,7 @@ def test_exact_dmd_of_many_windows_is_each_window_alone(monkeypatch):
         assert len(lam) == (ranks[j] or np.linalg.matrix_rank(X, 1e-8 * np.linalg.norm(X, 2)))
         np.testing.assert_allclose(np.sort_complex(lam), np.sort_complex(direct), atol=1e-8)
         # and exactly what the window gets when fitted alone
-        alone = _exact_dmd_many([Ys[j]], 1e-8, ranks[j])[0]
+        alone = _exact_dmd_many([Ys[j]], 1e-8, [ranks[j]])[0]
         np.testing.assert_array_equal(alone[0], lam)
         np.testing.assert_array_equal(alone[1], modes)
     # a LAPACK failure in a batch: every window of it is fitted again on its own

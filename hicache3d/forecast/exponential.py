@@ -156,14 +156,13 @@ def _pod_of(G: np.ndarray, tol: float, max_rank: Optional[int]) -> Tuple[np.ndar
     return Y, coef, s
 
 
-def _exact_dmd_many(Ys: list, tol: float, rank) -> list:
+def _exact_dmd_many(Ys: list, tol: float, ranks: list) -> list:
     """Exact DMD of many windows ``Y [r, m]`` of equally spaced columns at once: one
     ``(lambda [K], modes [r, K])``, :class:`FitError`, ``LinAlgError`` or ``ValueError``
     each (what prevented that window's fit).  Windows of one shape share one batched
     SVD, and those that keep the same number of modes one batched eigendecomposition
     (LAPACK runs on every matrix as it would alone: each result is that of its own call).
-    ``rank``: the most modes (0: the noise floor decides), one for all or one per window."""
-    ranks = list(rank) if isinstance(rank, (list, tuple, np.ndarray)) else [rank] * len(Ys)
+    ``ranks``: the most modes of each window (0: the noise floor decides)."""
     out: list = [None] * len(Ys)
     by_shape: dict = {}
     for j, Y in enumerate(Ys):
@@ -178,7 +177,7 @@ def _exact_dmd_many(Ys: list, tol: float, rank) -> list:
             if len(js) == 1:
                 got = [e]
             else:                               # one of them failed: each on its own
-                got = [_exact_dmd_many([Ys[j]], tol, ranks[j])[0] for j in js]
+                got = [_exact_dmd_many([Ys[j]], tol, [ranks[j]])[0] for j in js]
         for j, g in zip(js, got):
             out[j] = g
     return out
